@@ -1,0 +1,231 @@
+"""A Vision Transformer with timm's state-dict layout, PET modules and token merging inside its blocks.
+
+Attention is written out (softmax(QK^T * scale + bias) V) rather than calling scaled_dot_product_attention, so
+the additive log-size bias of proportional attention works and exports with both ONNX exporters.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fpet import merge
+from fpet.config import ViTConfig, get_config, grid_size
+from fpet.pet import Bottleneck, LoRA, PetConfig, mark_trainable
+from fpet.schedule import MergeSchedule, MergeStep, parse_schedule, plan
+from fpet.trr import TokenMerger
+
+
+def drop_path(x: Tensor, p: float, training: bool) -> Tensor:
+    """Stochastic depth: drop a residual branch per sample with probability p, rescaling the survivors."""
+    if p == 0.0 or not training:
+        return x
+    keep = torch.empty((x.shape[0],) + (1,) * (x.ndim - 1), dtype=x.dtype, device=x.device).bernoulli_(1 - p)
+    return x * keep / (1 - p)
+
+
+class LayerScale(nn.Module):
+    def __init__(self, dim: int, init: float = 1e-5):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((dim,), init))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.gamma
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, patch_size: int, dim: int):
+        super().__init__()
+        self.proj = nn.Conv2d(3, dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, lora: LoRA | None = None):
+        super().__init__()
+        self.num_heads = num_heads
+        self.scale = (dim // num_heads) ** -0.5
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.proj = nn.Linear(dim, dim)
+        self.lora = lora
+
+    def forward(self, x: Tensor, bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Returns the output and the keys [B, heads, N, head_dim] (the merge metric)."""
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
+        if self.lora is not None:
+            dq, dv = self.lora(x)
+            q = q + dq.reshape(b, n, self.num_heads, -1).transpose(1, 2)
+            v = v + dv.reshape(b, n, self.num_heads, -1).transpose(1, 2)
+        logits = (q * self.scale) @ k.transpose(-2, -1)
+        if bias is not None:
+            logits = logits + bias
+        out = logits.softmax(dim=-1) @ v
+        return self.proj(out.transpose(1, 2).reshape(b, n, c)), k
+
+    def fold_lora(self) -> None:
+        """Fold the LoRA updates into the frozen qkv weight (exact: LoRA is linear), then drop the LoRA module."""
+        if self.lora is None:
+            return
+        dq, dv = self.lora.delta_weights()
+        dim = self.proj.in_features
+        with torch.no_grad():
+            self.qkv.weight[:dim] += dq
+            self.qkv.weight[2 * dim :] += dv
+        self.lora = None
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ViTConfig, pet: PetConfig, merger: TokenMerger | None, drop_path_rate: float):
+        super().__init__()
+        dim = cfg.embed_dim
+        lora = None
+        if pet.base == "lora":
+            lora = LoRA(dim, pet.bottleneck, scale=pet.scale, dropout=pet.dropout, binary=pet.binary)
+        self.norm1 = nn.LayerNorm(dim, eps=cfg.norm_eps)
+        self.attn = Attention(dim, cfg.num_heads, lora)
+        self.ls1 = LayerScale(dim) if cfg.layer_scale else nn.Identity()
+        self.merger = merger
+        self.norm2 = nn.LayerNorm(dim, eps=cfg.norm_eps)
+        self.mlp = Mlp(dim, cfg.mlp_dim)
+        self.ls2 = LayerScale(dim) if cfg.layer_scale else nn.Identity()
+        self.adapter = None
+        if pet.base == "adaptformer":
+            self.adapter = Bottleneck(dim, pet.bottleneck, scale=pet.scale, dropout=pet.dropout, binary=pet.binary)
+        self.drop_path_rate = drop_path_rate
+
+    def forward(self, x: Tensor, size: Tensor | None, step: MergeStep | None) -> tuple[Tensor, Tensor | None]:
+        attn, keys = self.attn(self.norm1(x), None if size is None else merge.size_bias(size))
+        x = x + drop_path(self.ls1(attn), self.drop_path_rate, self.training)
+        if step is not None:
+            assert self.merger is not None
+            if size is None:
+                size = torch.ones_like(x[..., :1])
+            x, size = self.merger(x, size, keys.mean(dim=1), step)
+        out = x + drop_path(self.ls2(self.mlp(self.norm2(x))), self.drop_path_rate, self.training)
+        if self.adapter is not None:
+            out = out + self.adapter(x)  # AdaptFormer: parallel to the MLP, fed the un-normalised residual
+        return out, size
+
+
+class VisionTransformer(nn.Module):
+    """ViT classifier; `forward_features` gives the final normalised tokens (cls first, fewer after merges)."""
+
+    def __init__(
+        self,
+        cfg: ViTConfig,
+        num_classes: int = 1000,
+        img_size: int | tuple[int, int] | None = None,
+        pet: PetConfig | None = None,
+        schedule: MergeSchedule | str | None = None,
+        drop_path_rate: float = 0.0,
+    ):
+        super().__init__()
+        self.cfg = cfg
+        self.pet = pet or PetConfig("full")
+        self.schedule = parse_schedule(schedule)
+        self.img_size = img_size or cfg.img_size
+        self.grid = grid_size(self.img_size, cfg.patch_size)
+        self.num_classes = num_classes
+        points = self.schedule.per_block(cfg.depth)
+        plan(self.schedule, cfg.depth, self.grid)  # validate the schedule against this model now
+        dim = cfg.embed_dim
+        self.patch_embed = PatchEmbed(cfg.patch_size, dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.grid[0] * self.grid[1], dim))
+        rates = [drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
+        self.blocks = nn.ModuleList(
+            Block(cfg, self.pet, TokenMerger(p.method, cfg.head_dim, self.pet.dropout) if p else None, rate)
+            for p, rate in zip(points, rates, strict=True)
+        )
+        self.norm = nn.LayerNorm(dim, eps=cfg.norm_eps)
+        self.head = nn.Linear(dim, num_classes) if num_classes > 0 else nn.Identity()
+        self._init_weights()
+        mark_trainable(self, self.pet.method)
+
+    def _init_weights(self) -> None:
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.normal_(self.cls_token, std=1e-6)
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear) and not any(part in name for part in ("adapter", "lora", "refine")):
+                nn.init.trunc_normal_(module.weight, std=0.02)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+
+    def set_deploy(self, deploy: bool = True) -> VisionTransformer:
+        """Deployment mode: merges compute the hard assignment only (no soft path); same outputs in eval."""
+        for block in self.blocks:
+            if block.merger is not None:
+                block.merger.deploy = deploy
+        return self
+
+    def fold_lora(self) -> VisionTransformer:
+        for block in self.blocks:
+            block.attn.fold_lora()
+        return self
+
+    def merge_plan(self, grid: tuple[int, int] | None = None) -> tuple[MergeStep | None, ...]:
+        return _cached_plan(self.schedule, self.cfg.depth, grid or self.grid)
+
+    def _pos_embed(self, grid: tuple[int, int]) -> Tensor:
+        if grid == self.grid:
+            return self.pos_embed
+        return resample_pos_embed(self.pos_embed, self.grid, grid)
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        grid = grid_size((x.shape[-2], x.shape[-1]), self.cfg.patch_size)
+        x = self.patch_embed(x)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self._pos_embed(grid)
+        size = None
+        for block, step in zip(self.blocks, self.merge_plan(grid), strict=True):
+            x, size = block(x, size, step)
+        return self.norm(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.forward_features(x)[:, 0])
+
+
+@functools.lru_cache(maxsize=32)
+def _cached_plan(schedule: MergeSchedule, depth: int, grid: tuple[int, int]) -> tuple[MergeStep | None, ...]:
+    return tuple(plan(schedule, depth, grid))
+
+
+def resample_pos_embed(pos_embed: Tensor, old_grid: tuple[int, int], new_grid: tuple[int, int]) -> Tensor:
+    """Bicubic resampling of the patch position grid (cls position kept), as DINOv2 and timm do."""
+    cls_pos, grid_pos = pos_embed[:, :1], pos_embed[:, 1:]
+    dim = pos_embed.shape[-1]
+    grid_pos = grid_pos.reshape(1, *old_grid, dim).permute(0, 3, 1, 2)
+    grid_pos = F.interpolate(grid_pos.float(), size=new_grid, mode="bicubic", align_corners=False)
+    grid_pos = grid_pos.to(pos_embed.dtype).permute(0, 2, 3, 1).reshape(1, -1, dim)
+    return torch.cat([cls_pos, grid_pos], dim=1)
+
+
+def create_model(
+    backbone: str | ViTConfig,
+    *,
+    num_classes: int = 1000,
+    img_size: int | tuple[int, int] | None = None,
+    method: str | PetConfig = "full",
+    schedule: MergeSchedule | str | None = None,
+    drop_path_rate: float = 0.0,
+) -> VisionTransformer:
+    """Build a model by backbone name (see `fpet.config.CONFIGS`), PET method and merge schedule."""
+    cfg = backbone if isinstance(backbone, ViTConfig) else get_config(backbone)
+    pet = method if isinstance(method, PetConfig) else PetConfig(method)
+    return VisionTransformer(cfg, num_classes, img_size, pet, schedule, drop_path_rate)
