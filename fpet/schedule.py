@@ -165,9 +165,11 @@ def plan(schedule: MergeSchedule, depth: int, grid: tuple[int, int]) -> list[Mer
             raise FpetError(f"{where} merges no token ({point.amount} of {patches} patch tokens)")
         if merged > n_a:
             raise FpetError(f"{where} asks for {merged} tokens but only {n_a} of the {tokens} tokens can merge there")
-        min_b = 3 if point.method == "fpet" else 2  # FPET's top-2 mean needs two destinations besides cls
-        if n_b < min_b or tokens - merged < 2:
+        if tokens - merged < 2:
             raise FpetError(f"{where} would leave fewer than 2 tokens ({tokens} tokens enter it)")
+        min_b = 3 if point.method == "fpet" else 2  # FPET's top-2 mean needs two destinations besides cls
+        if n_b < min_b:
+            raise FpetError(f"{where} has {n_b - 1} destination tokens besides cls; it needs {min_b - 1}")
         step_grid = grid if split == "checkerboard" else None
         steps.append(MergeStep(point.block, point.method, tokens, n_a, n_b, merged, step_grid))  # type: ignore[arg-type]
         tokens -= merged

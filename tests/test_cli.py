@@ -29,7 +29,7 @@ def test_describe_text(capsys):
     ("args", "message"),
     [
         (["describe", "--schedule", "6:0.9"], "fraction must lie in"),
-        (["describe", "--schedule", "0:0.5,1:0.5,2:0.5,3:0.5,4:0.5,5:0.5,6:0.5,7:0.5"], "fewer than 2 tokens"),
+        (["describe", "--schedule", "0:0.5,1:0.5,2:0.5,3:0.5,4:0.5,5:0.5,6:0.5,7:0.5"], "destination tokens"),
         (["describe", "--backbone", "resnet50"], "unknown backbone 'resnet50'"),
         (["describe", "--img-size", "100"], "not a positive multiple of the patch size 16"),
         (["describe", "--method", "prompt"], "unknown method"),

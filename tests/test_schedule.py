@@ -53,13 +53,18 @@ def test_malformed_schedules_are_clear_errors(spec, message):
         ("6:0.5,6:0.25", "more than one merge point"),
         ("tome:13,6:0.5", "more than one merge point"),
         ("0:99", "only 98 of the 197 tokens can merge"),
-        ("0:0.5,1:0.5,2:0.5,3:0.5,4:0.5,5:0.5,6:0.5,7:0.5", "fewer than 2 tokens"),
+        ("0:0.5,1:0.5,2:0.5,3:0.5,4:0.5,5:0.5,6:0.5,7:0.5", "has 1 destination tokens besides cls; it needs 2"),
         ("tome:40", "can merge there"),
     ],
 )
 def test_schedules_that_do_not_fit_the_model(spec, message):
     with pytest.raises(FpetError, match=message):
         plan(parse_schedule(spec), 12, (14, 14))
+
+
+def test_a_merge_may_not_leave_fewer_than_two_tokens():
+    with pytest.raises(FpetError, match="fewer than 2 tokens"):
+        plan(parse_schedule("tome:0:1"), 12, (1, 1))
 
 
 def test_paper_setting_and_tome_token_counts():

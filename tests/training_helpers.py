@@ -1,0 +1,32 @@
+"""Small generated datasets and settings shared by the training, export and CLI tests."""
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from training.config import TrainConfig
+
+COLOURS = [(220, 40, 40), (40, 200, 60), (50, 70, 230)]
+
+
+def make_image_folder(root: Path, per_class: int = 12, size: int = 32, seed: int = 0) -> Path:
+    """Three colour-coded classes with noise: learnable in a few steps by any model."""
+    rng = np.random.default_rng(seed)
+    for label, colour in enumerate(COLOURS):
+        folder = root / f"class_{label}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            pixels = np.clip(np.array(colour) + rng.normal(0, 40, (size, size, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(folder / f"{i:03d}.png")
+    return root
+
+
+def tiny_config(data: Path, out: Path, **overrides) -> TrainConfig:
+    settings = dict(
+        data=str(data), out=str(out), weights="random", backbone="vit_tiny_patch16_224", method="adaptformer",
+        schedule="6:0.5", img_size=32, train_size=24, val_size=12, test=False, epochs=3, warmup_epochs=1,
+        batch_size=8, lr=3e-3, eval_every=1, device="cpu",
+    )  # fmt: skip
+    settings.update(overrides)
+    return TrainConfig(**settings)

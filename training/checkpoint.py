@@ -1,0 +1,126 @@
+"""Run folders: `adapters.safetensors` (trainable tensors only), `config.json`, `metrics.json`, and `resume.pt`.
+
+Every file is written atomically. Loading checks the format version and the backbone weights' checksum, so a run
+is never silently combined with different backbone weights.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from fpet.atomic import write_atomic, write_json_atomic
+from fpet.config import ViTConfig
+from fpet.errors import FpetError
+from fpet.pet import PetConfig, load_trainable_state_dict, trainable_state_dict
+from fpet.pretrained import REGISTRY, cached, weights_path
+from fpet.vit import VisionTransformer
+from fpet.weights import load_backbone, read_state_dict, sha256_file
+
+FORMAT_VERSION = 1
+ADAPTERS, CONFIG, METRICS, LABELS, RESUME = (
+    "adapters.safetensors",
+    "config.json",
+    "metrics.json",
+    "labels.json",
+    "resume.pt",
+)
+
+
+def resolve_weights(weights: str) -> tuple[Path | None, str | None]:
+    """A registry name (from the cache), a file path, or `random`; returns the file and its sha256."""
+    if weights == "random":
+        return None, None
+    if weights in REGISTRY:
+        info = cached(weights)
+        if info is None:
+            raise FpetError(f"pretrained weights {weights!r} are not fetched yet: run `fpet weights fetch {weights}`")
+        return weights_path(weights), info["sha256"]
+    path = Path(weights).expanduser()
+    if not path.is_file():
+        raise FpetError(f"weights {weights!r} are neither a known name ({', '.join(REGISTRY)}), a file, nor 'random'")
+    return path, sha256_file(path)
+
+
+def software_versions() -> dict:
+    import numpy
+
+    import fpet
+
+    return {
+        "fpet": getattr(fpet, "__version__", "unknown"),
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def build_model(config: dict, drop_path_rate: float = 0.0) -> VisionTransformer:
+    """The run's model, initialised from the run's seed: with `--weights random` that init is the backbone."""
+    cfg = ViTConfig(**config["backbone"]["arch"])
+    pet = PetConfig(**config["pet"])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config["seed"])
+        return VisionTransformer(
+            cfg, len(config["labels"]), config["preprocessing"]["img_size"], pet, config["schedule"], drop_path_rate
+        )
+
+
+def write_run(run_dir: Path, model: VisionTransformer, config: dict, metrics: dict) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.contiguous() for k, v in trainable_state_dict(_unwrap(model)).items()}
+    write_atomic(run_dir / ADAPTERS, lambda tmp: save_file(tensors, str(tmp), metadata={"format": str(FORMAT_VERSION)}))
+    write_json_atomic(run_dir / CONFIG, config)
+    write_json_atomic(run_dir / METRICS, metrics)
+    write_json_atomic(run_dir / LABELS, config["labels"])
+
+
+def read_config(run_dir: str | Path) -> dict:
+    run_dir = Path(run_dir)
+    missing = [name for name in (ADAPTERS, CONFIG) if not (run_dir / name).is_file()]
+    if missing:
+        raise FpetError(f"{run_dir} is not a complete run folder: missing {', '.join(missing)}")
+    config = json.loads((run_dir / CONFIG).read_text())
+    version = config.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise FpetError(
+            f"{run_dir} has run format {version!r}; this fpet reads up to {FORMAT_VERSION}: upgrade fpet to load it"
+        )
+    return config
+
+
+def load_run(run_dir: str | Path, weights: str | None = None) -> tuple[VisionTransformer, dict]:
+    """Rebuild a trained model: backbone weights (checksum checked), then the run's trained tensors."""
+    run_dir = Path(run_dir)
+    config = read_config(run_dir)
+    backbone = config["backbone"]
+    path, sha = resolve_weights(weights or backbone["weights"])
+    if sha != backbone["sha256"]:
+        raise FpetError(
+            f"backbone weights {path} have sha256 {str(sha)[:16]}..., but {run_dir} was trained on "
+            f"{str(backbone['sha256'])[:16]}...: refusing to combine them"
+        )
+    model = build_model(config)
+    if path is not None:
+        load_backbone(model, read_state_dict(path))
+    load_trainable_state_dict(model, load_file(str(run_dir / ADAPTERS)))
+    return model.eval(), config
+
+
+def save_resume(run_dir: Path, state: dict) -> None:
+    write_atomic(run_dir / RESUME, lambda tmp: torch.save(state, tmp))
+
+
+def load_resume(run_dir: Path) -> dict:
+    path = run_dir / RESUME
+    if not path.is_file():
+        raise FpetError(f"nothing to resume: {path} does not exist")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _unwrap(model: torch.nn.Module) -> VisionTransformer:
+    return getattr(model, "module", model)

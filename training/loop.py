@@ -1,0 +1,282 @@
+"""The training loop: paper-default AdamW with warm-up and cosine decay, evaluation, resume, DDP via torchrun."""
+
+from __future__ import annotations
+
+import math
+import os
+import resource
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DistributedSampler
+from tqdm import tqdm
+
+from fpet.config import get_config, grid_size
+from fpet.errors import FpetError
+from fpet.pet import PetConfig, load_trainable_state_dict, trainable_state_dict
+from fpet.pretrained import REGISTRY
+from fpet.schedule import parse_schedule, plan
+from fpet.weights import load_backbone, read_state_dict
+from training import checkpoint
+from training.config import TrainConfig
+from training.data import ImageSet, Preprocessing, open_split, split_train_val
+
+# Settings that may differ when a run is resumed; anything else must match the interrupted run.
+RESUMABLE = {"resume", "epochs", "device", "eval_every", "eval_batch_size"}
+
+
+def wilson_interval(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% confidence interval of an accuracy measured on n samples (Wilson score)."""
+    if n == 0:
+        return 0.0, 0.0
+    p = correct / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return centre - half, centre + half
+
+
+def lr_at(step: int, total: int, warmup: int, cfg: TrainConfig) -> float:
+    if step < warmup:
+        return cfg.warmup_lr + (cfg.lr - cfg.warmup_lr) * step / warmup
+    progress = (step - warmup) / max(total - warmup, 1)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def pick_device(name: str, local_rank: int) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise FpetError("--device cuda was asked for, but torch sees no CUDA device")
+        return torch.device("cuda", local_rank)
+    if name != "cpu":
+        raise FpetError(f"unknown device {name!r}; choose auto, cpu or cuda")
+    return torch.device("cpu")
+
+
+def setup_distributed(device: torch.device) -> tuple[int, int]:
+    """Rank and world size; joins the process group when launched by torchrun with more than one process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return (torch.distributed.get_rank() if world > 1 else 0), world
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, data: ImageSet, pre: Preprocessing, batch_size: int, device: torch.device) -> dict:
+    """Accuracy (with its 95% interval) and mean cross-entropy on a whole split."""
+    model.eval()
+    correct, loss_sum = 0, 0.0
+    for i in range(0, len(data), batch_size):
+        x = pre.to_input(data.pixels[i : i + batch_size].to(device))
+        y = data.labels[i : i + batch_size].to(device)
+        with torch.autocast(device.type, enabled=device.type == "cuda"):
+            logits = model(x).float()
+        loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
+        correct += (logits.argmax(-1) == y).sum().item()
+    n = len(data)
+    low, high = wilson_interval(correct, n)
+    return {"accuracy": correct / n, "ci95": [low, high], "loss": loss_sum / n, "n": n}
+
+
+def peak_memory_mb(device: torch.device) -> tuple[float, str]:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20, "cuda_max_memory_allocated"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "peak_rss"
+
+
+def _architecture(cfg: TrainConfig) -> str:
+    if cfg.backbone:
+        return cfg.backbone
+    if cfg.weights in REGISTRY:
+        return REGISTRY[cfg.weights].backbone
+    raise FpetError("--backbone is needed when --weights is a file or 'random'")
+
+
+def _run_config(cfg: TrainConfig, arch: str, sha: str | None, pet: PetConfig, pre: Preprocessing, classes: list[str]):
+    return {
+        "format_version": checkpoint.FORMAT_VERSION,
+        "backbone": {"name": arch, "weights": cfg.weights, "sha256": sha, "arch": asdict(get_config(arch))},
+        "method": pet.method,
+        "pet": asdict(pet),
+        "schedule": parse_schedule(cfg.schedule).spec,
+        "preprocessing": pre.to_dict(),
+        "labels": classes,
+        "seed": cfg.seed,
+        "train": cfg.to_dict(),
+        "software": checkpoint.software_versions(),
+    }
+
+
+def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
+    """Train one run into `cfg.out`; returns its metrics. Every input is checked before the first step."""
+    device = pick_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
+    arch = _architecture(cfg)
+    config = get_config(arch)
+    pet = PetConfig(cfg.method, cfg.width, cfg.scale)
+    pre = Preprocessing(cfg.img_size, normalize=cfg.normalize)
+    plan(parse_schedule(cfg.schedule), config.depth, grid_size(cfg.img_size, config.patch_size))
+    out = Path(cfg.out)
+    if not cfg.resume and any((out / name).exists() for name in (checkpoint.CONFIG, checkpoint.RESUME)):
+        raise FpetError(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
+    if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.eval_every < 1:
+        raise FpetError("--epochs, --batch-size and --eval-every must be at least 1")
+    weights_file, sha = checkpoint.resolve_weights(cfg.weights)
+
+    rank, world = setup_distributed(device)
+    say = log if rank == 0 else (lambda _msg: None)
+    pool = open_split(cfg.data, "train", fmt=cfg.data_format)
+    assert pool is not None
+    if len(pool.classes) < 2:
+        raise FpetError(f"{cfg.data} has {len(pool.classes)} class; classification needs at least 2")
+    test_source = open_split(cfg.data, "test", fmt=cfg.data_format, classes=pool.classes) if cfg.test else None
+    train_idx, val_idx = split_train_val(len(pool), cfg.train_size, cfg.val_size, cfg.seed)
+    say(f"decoding {len(train_idx)} train and {len(val_idx)} val images from {cfg.data} at {cfg.img_size} px ...")
+    train_set = pool.decode(train_idx, pre, cfg.strict)
+    val_set = pool.decode(val_idx, pre, cfg.strict) if val_idx else None
+    skipped = train_set.skipped + (val_set.skipped if val_set else 0)
+    say(
+        f"{len(train_set)} train, {len(val_set) if val_set else 0} val images, {len(pool.classes)} classes"
+        + (f"; skipped {skipped} unreadable images" if skipped else "")
+    )
+
+    run_config = _run_config(cfg, arch, sha, pet, pre, pool.classes)
+    torch.manual_seed(cfg.seed)
+    model = checkpoint.build_model(run_config, cfg.drop_path)
+    if weights_file is not None:
+        load_backbone(model, read_state_dict(weights_file))
+    model.to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    history: list[dict] = []
+    best: dict = {"accuracy": -1.0, "epoch": 0, "tensors": None}
+    start_epoch = 0
+    if cfg.resume:
+        state = checkpoint.load_resume(out)
+        changed = sorted(k for k, v in state["config"].items() if k not in RESUMABLE and cfg.to_dict().get(k) != v)
+        if changed:
+            raise FpetError(f"{out} was started with different settings ({', '.join(changed)}): cannot resume it")
+        load_trainable_state_dict(model, state["trainable"])
+        optimizer.load_state_dict(state["optimizer"])
+        history, best, start_epoch = state["history"], state["best"], state["epoch"]
+        torch.set_rng_state(state["rng"])
+        say(f"resuming {out} after epoch {start_epoch}")
+    ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+
+    sampler = DistributedSampler(range(len(train_set)), num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed)
+    per_rank = max(cfg.batch_size // world, 1)
+    steps_per_epoch = math.ceil(math.ceil(len(train_set) / world) / per_rank)
+    total, warmup = cfg.epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch
+    test = None
+    if val_set is None and test_source is not None:  # no validation split: evaluate on test as the paper does
+        test = test_source.decode(range(len(test_source)), pre, cfg.strict)
+    eval_set, eval_split = (val_set, "val") if val_set is not None else (test, "test")
+    amp_dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float16
+    scaler = torch.amp.GradScaler(enabled=device.type == "cuda" and amp_dtype == torch.float16)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    for epoch in range(start_epoch, cfg.epochs):
+        ddp.train()
+        sampler.set_epoch(epoch)
+        order = torch.tensor(list(sampler))
+        epoch_start, seen, loss_sum = time.monotonic(), 0, 0.0
+        bar = tqdm(
+            range(steps_per_epoch),
+            desc=f"epoch {epoch + 1}/{cfg.epochs}",
+            disable=True if rank != 0 else None,
+            leave=False,
+        )
+        for i in bar:
+            index = order[i * per_rank : (i + 1) * per_rank]
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(epoch * steps_per_epoch + i, total, warmup, cfg)
+            x = pre.to_input(train_set.pixels[index].to(device, non_blocking=True))
+            y = train_set.labels[index].to(device)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=device.type == "cuda"):
+                loss = F.cross_entropy(ddp(x).float(), y)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            seen += len(index)
+            loss_sum += loss.item() * len(index)
+            elapsed = time.monotonic() - epoch_start
+            bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{seen * world / elapsed:.1f}")
+        seconds = time.monotonic() - epoch_start
+        row = {
+            "epoch": epoch + 1,
+            "train_loss": loss_sum / seen,
+            "lr": optimizer.param_groups[0]["lr"],
+            "seconds": seconds,
+            "images_per_s": seen * world / seconds,
+        }
+        if rank == 0 and eval_set is not None and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
+            result = evaluate(model, eval_set, pre, cfg.eval_batch_size, device)
+            row[f"{eval_split}_accuracy"], row[f"{eval_split}_loss"] = result["accuracy"], result["loss"]
+            if result["accuracy"] > best["accuracy"]:
+                best = {"accuracy": result["accuracy"], "epoch": epoch + 1, "tensors": trainable_state_dict(model)}
+        history.append(row)
+        if rank == 0:
+            resume_state = {
+                "epoch": epoch + 1,
+                "config": cfg.to_dict(),
+                "trainable": trainable_state_dict(model),
+                "optimizer": optimizer.state_dict(),
+                "history": history,
+                "best": best,
+                "rng": torch.get_rng_state(),
+            }
+            checkpoint.save_resume(out, resume_state)
+        remaining = (cfg.epochs - epoch - 1) * seconds
+        acc = f", {eval_split} acc {row[f'{eval_split}_accuracy']:.4f}" if f"{eval_split}_accuracy" in row else ""
+        say(
+            f"epoch {epoch + 1}/{cfg.epochs}: loss {row['train_loss']:.4f}, {row['images_per_s']:.1f} img/s{acc}, "
+            f"ETA {remaining / 60:.1f} min"
+        )
+        if world > 1:
+            torch.distributed.barrier()
+    memory, memory_kind = peak_memory_mb(device)
+
+    metrics: dict = {}
+    if rank == 0:
+        metrics = {
+            "history": history,
+            "eval_split": eval_split if eval_set is not None else None,
+            "train_images_per_s": statistics.median(r["images_per_s"] for r in history),
+            "train_seconds": sum(r["seconds"] for r in history),
+            "peak_memory_mb": memory,
+            "memory_kind": memory_kind,
+            "skipped_images": skipped,
+            "device": str(device),
+            "world_size": world,
+        }
+        if eval_set is not None:
+            last_acc = history[-1].get(f"{eval_split}_accuracy")
+            metrics[eval_split] = {"last": last_acc, "best": best["accuracy"], "best_epoch": best["epoch"]}
+        if test_source is not None:
+            if test is None:
+                test = test_source.decode(range(len(test_source)), pre, cfg.strict)
+            metrics["skipped_images"] += test.skipped
+            say(f"evaluating the last epoch on {len(test)} test images ...")
+            metrics["test"] = {"last": evaluate(model, test, pre, cfg.eval_batch_size, device)}
+            if eval_split == "val" and best["tensors"] is not None and best["epoch"] != history[-1]["epoch"]:
+                last_tensors = trainable_state_dict(model)
+                load_trainable_state_dict(model, best["tensors"])
+                say(f"evaluating the best-val checkpoint (epoch {best['epoch']}) on the test images ...")
+                metrics["test"]["best_val_checkpoint"] = evaluate(model, test, pre, cfg.eval_batch_size, device)
+                metrics["test"]["best_val_checkpoint"]["epoch"] = best["epoch"]
+                load_trainable_state_dict(model, last_tensors)
+            else:
+                metrics["test"]["best_val_checkpoint"] = {**metrics["test"]["last"], "epoch": history[-1]["epoch"]}
+        checkpoint.write_run(out, model, run_config, metrics)
+        (out / checkpoint.RESUME).unlink(missing_ok=True)
+        say(f"wrote {out}")
+    if world > 1:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    return metrics
