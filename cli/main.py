@@ -147,6 +147,51 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_evaluate)
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    from fpet.errors import FpetError
+
+    def log(message: str) -> None:
+        print(message, file=sys.stderr)
+
+    if args.default:
+        from export.defaults import ensure_default_bundles
+
+        for variant, path in ensure_default_bundles(force=args.force, log=log).items():
+            print(f"{variant}\t{path}")
+        return
+    if not args.run or not args.out:
+        raise FpetError("give RUN_DIR and --out BUNDLE_DIR, or --default")
+    from export.exporter import ExportOptions, export_bundle
+
+    formats = tuple(f.strip() for f in args.format.split(",") if f.strip())
+    options = ExportOptions(variant=args.variant, formats=formats, precision=args.precision, opset=args.opset)
+    manifest = export_bundle(args.run, args.out, options, log=log)
+    for fmt, result in manifest["verification"]["formats"].items():
+        log(f"{fmt}: max abs error {result['max_abs_error']:.2e}, top-1 agreement {result['top1_agreement']:.3f}")
+    print(args.out)
+
+
+def add_export_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export",
+        help="freeze a run into a verified ONNX + TorchScript bundle",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("run", nargs="?", help="run folder written by fpet train")
+    p.add_argument("--out", help="bundle folder to write (replaced only after verification passes)")
+    p.add_argument(
+        "--variant", default="fpet", choices=["fpet", "backbone"], help="with merging, or the same model without"
+    )
+    p.add_argument("--format", default="onnx,torchscript", help="comma-separated: onnx, torchscript")
+    p.add_argument(
+        "--precision", default="fp32", help="fp32 or fp16 (fp16 is for GPUs; checked here on the CPU provider)"
+    )
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset, 14..20")
+    p.add_argument("--default", action="store_true", help="build both bundles of the default model into the cache")
+    p.add_argument("--force", action="store_true", help="with --default: rebuild even when up to date")
+    p.set_defaults(func=cmd_export)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fpet", description="Faster parameter-efficient tuning of ViTs: FPET.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -163,6 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_describe)
 
     add_train_parser(sub)
+    add_export_parser(sub)
 
     weights = sub.add_parser("weights", help="pretrained backbones that work offline").add_subparsers(
         dest="weights_command", required=True, metavar="ACTION"

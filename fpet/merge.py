@@ -12,22 +12,22 @@ import functools
 import torch
 from torch import Tensor
 
+# Index sets are built from Python lists, so a traced or exported graph holds them as constants.
+
 
 @functools.lru_cache(maxsize=64)
 def checkerboard_split(h: int, w: int, device: torch.device | None = None) -> tuple[Tensor, Tensor]:
     """Sequence indices of set A (patch cells with row + col even) and set B (cls, then the other cells)."""
-    rows = torch.arange(h).repeat_interleave(w)
-    cols = torch.arange(w).repeat(h)
-    seq = torch.arange(h * w) + 1
-    even = (rows + cols) % 2 == 0
-    return seq[even].to(device), torch.cat([torch.zeros(1, dtype=torch.long), seq[~even]]).to(device)
+    cells = [(1 + r * w + c, (r + c) % 2 == 0) for r in range(h) for c in range(w)]
+    a = [i for i, even in cells if even]
+    b = [0] + [i for i, even in cells if not even]
+    return torch.tensor(a, device=device), torch.tensor(b, device=device)
 
 
 @functools.lru_cache(maxsize=64)
 def alternate_split(n: int, device: torch.device | None = None) -> tuple[Tensor, Tensor]:
     """A = patch tokens at odd sequence positions, B = cls and the even positions (used once the grid is gone)."""
-    seq = torch.arange(n)
-    return seq[1::2].to(device), seq[0::2].to(device)
+    return torch.tensor(range(1, n, 2), device=device), torch.tensor(range(0, n, 2), device=device)
 
 
 def similarity(metric: Tensor, a_idx: Tensor, b_idx: Tensor) -> Tensor:
@@ -35,8 +35,7 @@ def similarity(metric: Tensor, a_idx: Tensor, b_idx: Tensor) -> Tensor:
     metric = metric / torch.linalg.vector_norm(metric, dim=-1, keepdim=True).clamp_min(1e-6)
     a, b = metric.index_select(1, a_idx), metric.index_select(1, b_idx)
     scores = a @ b.transpose(-1, -2)
-    cls_col = torch.arange(scores.shape[-1], device=scores.device) == 0
-    return scores.masked_fill(cls_col, float("-inf"))
+    return torch.cat([torch.full_like(scores[..., :1], float("-inf")), scores[..., 1:]], dim=-1)
 
 
 def hard_assignment(scores: Tensor) -> Tensor:

@@ -61,6 +61,20 @@ class BinaryLinear(nn.Linear):
         return nn.functional.linear(x, binarize(self.weight), self.bias)
 
 
+def materialize_binary(model: nn.Module) -> None:
+    """Replace every BinaryLinear by a plain Linear holding its two-valued weight: the deployment form."""
+    for name, child in model.named_children():
+        if isinstance(child, BinaryLinear):
+            plain = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None)
+            with torch.no_grad():
+                plain.weight.copy_(binarize(child.weight))
+                if child.bias is not None:
+                    plain.bias.copy_(child.bias)
+            setattr(model, name, plain.to(child.weight.device))
+        else:
+            materialize_binary(child)
+
+
 def _linear(d_in: int, d_out: int, binary: bool) -> nn.Linear:
     return (BinaryLinear if binary else nn.Linear)(d_in, d_out, bias=False)
 

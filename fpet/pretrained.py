@@ -89,15 +89,18 @@ def cached(name: str) -> dict | None:
     return info
 
 
+def sample_photo_files() -> list:
+    """The packaged real photos (JPEG), sorted by name."""
+    folder = resources.files("fpet") / "assets" / "photos"
+    return sorted((item for item in folder.iterdir() if item.name.endswith(".jpg")), key=lambda p: p.name)
+
+
 def sample_photos(size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> tuple[list[str], np.ndarray]:
     """The packaged real photos as a normalised NCHW float32 batch, resized (bicubic) to size x size."""
     from PIL import Image
 
-    folder = resources.files("fpet") / "assets" / "photos"
     names, batch = [], []
-    for item in sorted(folder.iterdir(), key=lambda p: p.name):
-        if not item.name.endswith(".jpg"):
-            continue
+    for item in sample_photo_files():
         with item.open("rb") as f:
             image = Image.open(f).convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
         array = (np.asarray(image, dtype=np.float32) / 255.0 - np.float32(mean)) / np.float32(std)

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from fpet import merge
 from fpet.config import ViTConfig, get_config, grid_size
-from fpet.pet import Bottleneck, LoRA, PetConfig, mark_trainable
+from fpet.pet import Bottleneck, LoRA, PetConfig, mark_trainable, materialize_binary
 from fpet.schedule import MergeSchedule, MergeStep, parse_schedule, plan
 from fpet.trr import TokenMerger
 
@@ -180,6 +180,13 @@ class VisionTransformer(nn.Module):
             block.attn.fold_lora()
         return self
 
+    def freeze_for_deployment(self) -> VisionTransformer:
+        """One-way: LoRA folded into qkv, 1-bit weights materialised, hard merges only, eval mode, no gradients."""
+        self.fold_lora()
+        materialize_binary(self)
+        self.requires_grad_(False)
+        return self.set_deploy(True).eval()
+
     def merge_plan(self, grid: tuple[int, int] | None = None) -> tuple[MergeStep | None, ...]:
         return _cached_plan(self.schedule, self.cfg.depth, grid or self.grid)
 
@@ -189,7 +196,8 @@ class VisionTransformer(nn.Module):
         return resample_pos_embed(self.pos_embed, self.grid, grid)
 
     def forward_features(self, x: Tensor) -> Tensor:
-        grid = grid_size((x.shape[-2], x.shape[-1]), self.cfg.patch_size)
+        # Python ints, also under tracing: the merge plan and its index sets are static for a given input size.
+        grid = grid_size((int(x.shape[-2]), int(x.shape[-1])), self.cfg.patch_size)
         x = self.patch_embed(x)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self._pos_embed(grid)
         size = None

@@ -93,10 +93,18 @@ def read_config(run_dir: str | Path) -> dict:
     return config
 
 
-def load_run(run_dir: str | Path, weights: str | None = None) -> tuple[VisionTransformer, dict]:
-    """Rebuild a trained model: backbone weights (checksum checked), then the run's trained tensors."""
+def load_run(
+    run_dir: str | Path, weights: str | None = None, schedule: str | None = None
+) -> tuple[VisionTransformer, dict]:
+    """Rebuild a trained model: backbone weights (checksum checked), then the run's trained tensors.
+
+    `schedule` overrides the run's merge schedule (e.g. `none` for the same tuned model without merging); the
+    refinement adapters of merge points it drops are left out.
+    """
     run_dir = Path(run_dir)
     config = read_config(run_dir)
+    if schedule is not None:
+        config = {**config, "schedule": schedule}
     backbone = config["backbone"]
     path, sha = resolve_weights(weights or backbone["weights"])
     if sha != backbone["sha256"]:
@@ -107,7 +115,11 @@ def load_run(run_dir: str | Path, weights: str | None = None) -> tuple[VisionTra
     model = build_model(config)
     if path is not None:
         load_backbone(model, read_state_dict(path))
-    load_trainable_state_dict(model, load_file(str(run_dir / ADAPTERS)))
+    tensors = load_file(str(run_dir / ADAPTERS))
+    if schedule is not None:
+        wanted = {name for name, p in model.named_parameters() if p.requires_grad}
+        tensors = {k: v for k, v in tensors.items() if k in wanted or ".merger." not in k}
+    load_trainable_state_dict(model, tensors)
     return model.eval(), config
 
 

@@ -1,0 +1,36 @@
+"""The bundle format: what export writes and the service reads. Pure Python, no torch, so the service stays light.
+
+A bundle is one folder per variant: `model.onnx`, `model.ts` (TorchScript), `labels.json` and `manifest.json`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from fpet.errors import FpetError
+
+BUNDLE_FORMAT = 1
+MANIFEST, LABELS, ONNX_FILE, TORCHSCRIPT_FILE = "manifest.json", "labels.json", "model.onnx", "model.ts"
+VARIANTS = ("fpet", "backbone")
+FORMATS = {"onnx": ONNX_FILE, "torchscript": TORCHSCRIPT_FILE}
+PRECISIONS = ("fp32", "fp16")
+
+
+def is_bundle(path: Path) -> bool:
+    return (path / MANIFEST).is_file()
+
+
+def read_manifest(bundle_dir: str | Path) -> dict:
+    """The manifest of a bundle, refusing folders that are not bundles or come from a newer fpet."""
+    bundle_dir = Path(bundle_dir)
+    if not is_bundle(bundle_dir):
+        raise FpetError(f"{bundle_dir} is not a model bundle (no {MANIFEST})")
+    manifest = json.loads((bundle_dir / MANIFEST).read_text())
+    version = manifest.get("bundle_format")
+    if not isinstance(version, int) or version > BUNDLE_FORMAT:
+        raise FpetError(f"{bundle_dir} has bundle format {version!r}; this fpet reads up to {BUNDLE_FORMAT}")
+    for name in manifest.get("files", {}).values():
+        if not (bundle_dir / name).is_file():
+            raise FpetError(f"bundle {bundle_dir} lacks {name}")
+    return manifest

@@ -1,0 +1,254 @@
+"""Freezing a run into verified ONNX and TorchScript bundles.
+
+The exported model is the deployment form: LoRA folded into qkv, 1-bit weights materialised, merges computing
+only the hard assignment, so every shape is static and no scatter op is emitted. It is checked against the
+PyTorch model in training form (unfolded, straight-through path) before the bundle is renamed into place.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from export.bundle import BUNDLE_FORMAT, FORMATS, LABELS, MANIFEST, PRECISIONS, VARIANTS, is_bundle
+from export.verify import THRESHOLDS, verification_pixels, verify_formats
+from fpet.atomic import current_umask, write_json_atomic
+from fpet.config import grid_size
+from fpet.cost import model_macs
+from fpet.errors import FpetError
+from fpet.pet import PetConfig
+from fpet.schedule import parse_schedule, plan, tokens_per_block
+from fpet.vit import VisionTransformer
+from fpet.weights import sha256_file
+from training.checkpoint import ADAPTERS, CONFIG, METRICS, load_run
+from training.data import Preprocessing
+
+OPSETS = range(14, 21)  # what torch's TorchScript-based exporter writes; LayerNormalization needs 17
+DEFAULT_OPSET = 17
+ORT_OPTIMIZATION = "ORT_ENABLE_ALL"
+INPUT_NAME, OUTPUT_NAME = "input", "logits"
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    variant: str = "fpet"
+    formats: tuple[str, ...] = ("onnx", "torchscript")
+    precision: str = "fp32"
+    opset: int = DEFAULT_OPSET
+
+    def __post_init__(self) -> None:
+        if self.variant not in VARIANTS:
+            raise FpetError(f"unknown variant {self.variant!r}; choose one of: {', '.join(VARIANTS)}")
+        unknown = [f for f in self.formats if f not in FORMATS]
+        if unknown or not self.formats:
+            raise FpetError(f"unknown format {unknown or self.formats}; choose from: {', '.join(FORMATS)}")
+        if self.precision not in PRECISIONS:
+            raise FpetError(f"unsupported precision {self.precision!r}; choose one of: {', '.join(PRECISIONS)}")
+        if self.opset not in OPSETS:
+            raise FpetError(f"unsupported opset {self.opset}; this exporter writes opsets {OPSETS[0]}..{OPSETS[-1]}")
+
+
+def run_checksum(run_dir: Path) -> str:
+    """Content hash of what defines a run: its trained tensors and its config."""
+    digest = hashlib.sha256()
+    for name in (ADAPTERS, CONFIG):
+        digest.update(sha256_file(run_dir / name).encode())
+    return digest.hexdigest()
+
+
+def export_onnx(model: VisionTransformer, path: Path, example: torch.Tensor, opset: int) -> None:
+    """Legacy (TorchScript-based) exporter: 2-3 s, exact for this model; the dynamo exporter takes ~20 s."""
+    import onnx
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model, (example,), str(path), dynamo=False, opset_version=opset, input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME], dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+        )  # fmt: skip
+    onnx.checker.check_model(str(path), full_check=True)
+
+
+def export_torchscript(model: VisionTransformer, path: Path, example: torch.Tensor) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(model, example, check_trace=False)
+    traced.save(str(path))
+
+
+def onnx_runner(path: Path) -> Callable[[np.ndarray], np.ndarray]:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, ORT_OPTIMIZATION)
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return lambda x: session.run([OUTPUT_NAME], {INPUT_NAME: x})[0].astype(np.float32)
+
+
+def torchscript_runner(path: Path) -> Callable[[np.ndarray], np.ndarray]:
+    module = torch.jit.load(str(path), map_location="cpu")
+
+    def run(x: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return module(torch.from_numpy(x)).float().numpy()
+
+    return run
+
+
+RUNNERS = {"onnx": onnx_runner, "torchscript": torchscript_runner}
+
+
+def deployed_gmacs(model: VisionTransformer) -> float:
+    """MACs of the deployment form: folded LoRA costs nothing extra, adapters still run."""
+    pet = model.pet if model.pet.base != "lora" else PetConfig("full")
+    steps = plan(model.schedule, model.cfg.depth, model.grid)
+    return model_macs(model.cfg, model.grid, steps, pet, model.num_classes) / 1e9
+
+
+def check_destination(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise FpetError(f"{out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not is_bundle(out):
+        raise FpetError(f"{out} exists, is not empty and is not a bundle: refusing to replace it")
+
+
+def replace_dir(tmp: Path, out: Path) -> None:
+    """Swap a finished bundle into place; the old one is removed only once the new one is there."""
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        out.rename(old)
+    tmp.rename(out)
+    if old is not None:
+        shutil.rmtree(old)
+
+
+def export_bundle(
+    run_dir: str | Path,
+    out: str | Path,
+    options: ExportOptions | None = None,
+    *,
+    log: Callable[[str], None] = print,
+    verify_hook: Callable[[dict], dict] | None = None,
+) -> dict:
+    """Export, verify, and only then rename the bundle into `out`; returns its manifest."""
+    options = options or ExportOptions()
+    run_dir, out = Path(run_dir), Path(out)
+    check_destination(out)
+    schedule = "none" if options.variant == "backbone" else None
+    reference, config = load_run(run_dir, schedule=schedule)
+    deployed = copy.deepcopy(reference).freeze_for_deployment()
+    dtype = torch.float16 if options.precision == "fp16" else torch.float32
+    deployed = deployed.to(dtype)
+    pre = Preprocessing.from_dict(config["preprocessing"])
+    pixels, image_names = verification_pixels(config)
+    inputs = pre.to_input(pixels)
+    with torch.no_grad():
+        expected = reference(inputs).numpy()
+    example = inputs[:2].to(dtype)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes 0700; a served bundle must be readable
+    try:
+        files, timings = {}, {}
+        for fmt in options.formats:
+            start = time.monotonic()
+            log(f"exporting {options.variant} as {fmt} ({options.precision}) ...")
+            if fmt == "onnx":
+                export_onnx(deployed, tmp / FORMATS[fmt], example, options.opset)
+            else:
+                export_torchscript(deployed, tmp / FORMATS[fmt], example)
+            files[fmt] = FORMATS[fmt]
+            timings[fmt] = round(time.monotonic() - start, 2)
+        log(f"verifying against PyTorch on {len(image_names)} real images at batch sizes 1 and 8 ...")
+        runners = {fmt: RUNNERS[fmt](tmp / name) for fmt, name in files.items()}
+        verification = verify_formats(expected, inputs.to(dtype).numpy(), runners, options.precision)
+        if verify_hook is not None:
+            verification = verify_hook(verification)
+        failed = [fmt for fmt, result in verification.items() if not result["passed"]]
+        manifest = build_manifest(run_dir, config, deployed, options, files, verification, image_names, timings)
+        write_json_atomic(tmp / LABELS, config["labels"])
+        write_json_atomic(tmp / MANIFEST, manifest)
+        if failed:
+            worst = {fmt: (verification[fmt]["max_abs_error"], verification[fmt]["top1_agreement"]) for fmt in failed}
+            raise FpetError(
+                f"verification failed for {', '.join(failed)} (max abs error, top-1 agreement: {worst}; "
+                f"limits {THRESHOLDS[options.precision]}); the bundle was not written"
+            )
+        replace_dir(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return manifest
+
+
+def build_manifest(
+    run_dir: Path,
+    config: dict,
+    model: VisionTransformer,
+    options: ExportOptions,
+    files: dict,
+    verification: dict,
+    image_names: list[str],
+    timings: dict,
+) -> dict:
+    import onnx
+    import onnxruntime
+
+    size = config["preprocessing"]["img_size"]
+    grid = grid_size(size, model.cfg.patch_size)
+    steps = plan(parse_schedule(model.schedule), model.cfg.depth, grid)
+    metrics = {}
+    if (run_dir / METRICS).exists():
+        import json
+
+        full = json.loads((run_dir / METRICS).read_text())
+        metrics = {k: full[k] for k in ("eval_split", "val", "test") if k in full}
+    checksum = run_checksum(run_dir)
+    return {
+        "bundle_format": BUNDLE_FORMAT,
+        "name": run_dir.resolve().name,
+        "version": checksum[:12],
+        "variant": options.variant,
+        "backbone": {k: config["backbone"][k] for k in ("name", "weights", "sha256")},
+        "method": config["method"],
+        "schedule": model.schedule.spec,
+        "tokens_per_block": tokens_per_block(steps, grid),
+        "gmacs": round(deployed_gmacs(model), 4),
+        "input": {
+            "name": INPUT_NAME,
+            "shape": ["batch", 3, size, size],
+            "dtype": "float16" if options.precision == "fp16" else "float32",
+        },
+        "output": {"name": OUTPUT_NAME, "shape": ["batch", len(config["labels"])]},
+        "img_size": size,
+        "preprocessing": config["preprocessing"],
+        "num_classes": len(config["labels"]),
+        "precision": options.precision,
+        "opset": options.opset if "onnx" in files else None,
+        "files": {**files, "labels": LABELS},
+        "onnxruntime": {"graph_optimization_level": ORT_OPTIMIZATION},
+        "source_run": {"path": str(run_dir.resolve()), "sha256": checksum, "metrics": metrics},
+        "verification": {
+            "images": image_names,
+            "reference": "PyTorch fp32, training form (unfolded LoRA, straight-through merges), eval mode",
+            "formats": verification,
+            "checked_on": "CPUExecutionProvider"
+            + (" (fp16 on a GPU is not checked here)" if options.precision == "fp16" else ""),
+        },
+        "exported_with": {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__},
+        "export_seconds": timings,
+    }

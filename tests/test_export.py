@@ -1,0 +1,157 @@
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from export.bundle import read_manifest
+from export.exporter import ExportOptions, export_bundle
+from fpet.errors import FpetError
+from training import checkpoint
+from training.config import TrainConfig
+from training.data import Preprocessing
+from training.loop import _run_config
+
+quiet = {"log": lambda _message: None}
+
+
+def make_run(path, method="adaptformer", schedule="6:0.5", img_size=64, seed=0):
+    """A run folder with random (non-zero) trained tensors, as `fpet train` writes it, without the training."""
+    cfg = TrainConfig(data="", out=str(path), weights="random", backbone="vit_tiny_patch16_224", method=method,
+                      schedule=schedule, img_size=img_size, seed=seed)  # fmt: skip
+    from fpet.pet import PetConfig
+
+    config = _run_config(cfg, "vit_tiny_patch16_224", None, PetConfig(method), Preprocessing(img_size), ["a", "b", "c"])
+    model = checkpoint.build_model(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(std=0.05)
+    checkpoint.write_run(path, model, config, {"val": {"last": 0.5}})
+    return path
+
+
+@pytest.mark.parametrize(
+    ("method", "schedule"),
+    [
+        ("adaptformer", "none"),
+        ("adaptformer", "6:0.5"),
+        ("lora", "6:0.5"),
+        ("adaptformer-1bit", "3:0.5,6:0.5,9:0.25"),
+        ("lora-1bit", "3:0.5,6:3"),
+        ("linear", "tome:1"),
+        ("full", "2:0.5,tome:8:2"),
+    ],
+)
+def test_exports_match_pytorch_and_have_no_scatter(tmp_path, method, schedule):
+    run = make_run(tmp_path / "run", method, schedule)
+    manifest = export_bundle(run, tmp_path / "bundle", **quiet)
+    for fmt in ("onnx", "torchscript"):
+        result = manifest["verification"]["formats"][fmt]
+        assert result["passed"] and result["top1_agreement"] == 1.0 and result["max_abs_error"] < 1e-4
+        assert set(result["batch_sizes"]) == {"1", "8"}
+    graph = onnx.load(str(tmp_path / "bundle" / "model.onnx"))
+    ops = {node.op_type for node in graph.graph.node}
+    assert not ops & {"ScatterElements", "ScatterND", "Scatter", "NonZero"}, ops
+    # any batch size, including one verification did not use
+    session = ort.InferenceSession(str(tmp_path / "bundle" / "model.onnx"), providers=["CPUExecutionProvider"])
+    model, _ = checkpoint.load_run(run)
+    x = torch.rand(3, 3, 64, 64)
+    with torch.no_grad():
+        np.testing.assert_allclose(session.run(None, {"input": x.numpy()})[0], model(x).numpy(), atol=1e-4)
+
+
+def test_manifest_has_every_field(tmp_path):
+    run = make_run(tmp_path / "run")
+    manifest = export_bundle(run, tmp_path / "bundle", **quiet)
+    assert manifest == read_manifest(tmp_path / "bundle")
+    for key in ["name", "version", "variant", "backbone", "schedule", "tokens_per_block", "gmacs", "img_size",
+                "preprocessing", "precision", "opset", "source_run", "verification", "input", "output", "files"]:  # fmt: skip
+        assert key in manifest, key
+    assert manifest["tokens_per_block"][7] == 9 and manifest["variant"] == "fpet"
+    assert manifest["source_run"]["metrics"] == {"val": {"last": 0.5}}
+    assert json.loads((tmp_path / "bundle" / "labels.json").read_text()) == ["a", "b", "c"]
+    thresholds = manifest["verification"]["formats"]["onnx"]["batch_sizes"]["1"]["thresholds"]
+    assert thresholds == {"max_abs_error": 1e-3, "top1_agreement": 1.0}
+
+
+def test_backbone_variant_is_the_same_model_without_merging(tmp_path):
+    run = make_run(tmp_path / "run")
+    fpet = export_bundle(run, tmp_path / "fpet", ExportOptions(variant="fpet", formats=("onnx",)), **quiet)
+    plain = export_bundle(run, tmp_path / "plain", ExportOptions(variant="backbone", formats=("onnx",)), **quiet)
+    assert plain["schedule"] == "none" and plain["tokens_per_block"] == [17] * 12
+    assert plain["gmacs"] > fpet["gmacs"]
+    assert plain["preprocessing"] == fpet["preprocessing"] and plain["version"] == fpet["version"]
+
+
+def test_failed_verification_refuses_the_bundle_and_keeps_the_old_one(tmp_path):
+    run = make_run(tmp_path / "run")
+    out = tmp_path / "bundle"
+    first = export_bundle(run, out, ExportOptions(formats=("onnx",)), **quiet)
+
+    def sabotage(results):
+        results["onnx"]["passed"] = False
+        return results
+
+    with pytest.raises(FpetError, match="verification failed for onnx"):
+        export_bundle(run, out, ExportOptions(formats=("onnx",)), verify_hook=sabotage, **quiet)
+    assert read_manifest(out) == first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle", "run"]  # no temporary folder left
+
+
+def test_fp16_export_runs_on_the_cpu_provider(tmp_path):
+    run = make_run(tmp_path / "run")
+    manifest = export_bundle(run, tmp_path / "b16", ExportOptions(precision="fp16", formats=("onnx",)), **quiet)
+    result = manifest["verification"]["formats"]["onnx"]
+    assert result["passed"] and result["max_abs_error"] < 0.25
+    assert "not checked here" in manifest["verification"]["checked_on"]
+    graph = onnx.load(str(tmp_path / "b16" / "model.onnx"))
+    assert graph.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "cli.main", "export", *args], capture_output=True, text=True,
+                          env={**os.environ})  # fmt: skip
+
+
+def test_bad_inputs_are_one_line_errors(tmp_path):
+    run = make_run(tmp_path / "run")
+    cases = [
+        ([str(run), "--out", str(tmp_path / "b"), "--opset", "9"], "unsupported opset 9"),
+        ([str(run), "--out", str(tmp_path / "b"), "--precision", "int4"], "unsupported precision"),
+        ([str(run), "--out", str(tmp_path / "b"), "--format", "tflite"], "unknown format"),
+        ([str(tmp_path / "nothing"), "--out", str(tmp_path / "b")], "not a complete run folder"),
+    ]
+    (tmp_path / "notabundle").mkdir()
+    (tmp_path / "notabundle" / "precious.txt").write_text("keep me")
+    cases.append(([str(run), "--out", str(tmp_path / "notabundle")], "is not a bundle: refusing"))
+    for args, message in cases:
+        done = run_cli(*args)
+        assert done.returncode == 1, args
+        assert done.stderr.strip().splitlines()[-1].startswith("fpet: error:") and message in done.stderr, done.stderr
+    assert (tmp_path / "notabundle" / "precious.txt").read_text() == "keep me"
+    assert not (tmp_path / "b").exists()
+    config = json.loads((run / "config.json").read_text())
+    config["format_version"] = 7
+    (run / "config.json").write_text(json.dumps(config))
+    assert "run format 7" in run_cli(str(run), "--out", str(tmp_path / "b")).stderr
+
+
+def test_checksum_mismatch_is_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    from fpet.vit import create_model
+
+    weights = tmp_path / "w.safetensors"
+    save_file(create_model("vit_tiny_patch16_224", num_classes=0, img_size=64).state_dict(), weights)
+    run = make_run(tmp_path / "run")
+    config = json.loads((run / "config.json").read_text())
+    config["backbone"].update(weights=str(weights), sha256="0" * 64)
+    (run / "config.json").write_text(json.dumps(config))
+    with pytest.raises(FpetError, match="refusing to combine"):
+        export_bundle(run, tmp_path / "b", **quiet)
