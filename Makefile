@@ -16,8 +16,9 @@ setup: $(STAMP)
 
 run: $(STAMP)
 	$(BIN)/fpet weights fetch dinov2_vits14
+	$(BIN)/fpet export --default
 	$(BIN)/fpet describe --backbone vit_small_patch14_dinov2 --img-size 112 --method adaptformer --schedule 6:0.5
-	@echo "Next stages (training, export, the /classify service) land in later issues; see README.md."
+	@echo "The /classify service lands in a later issue; see README.md."
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

