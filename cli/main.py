@@ -209,8 +209,28 @@ def cmd_bench_train(args: argparse.Namespace) -> None:
     print("(random weights: speed and memory do not depend on them)")
 
 
+def cmd_bench_onnx(args: argparse.Namespace) -> None:
+    from bench.onnx_runtime import bench_bundles, markdown
+    from fpet.atomic import write_atomic, write_json_atomic
+
+    if args.bundle:
+        bundles = [Path(b) for b in args.bundle]
+    else:
+        from export.defaults import default_bundle_dir
+
+        bundles = [default_bundle_dir("backbone"), default_bundle_dir("fpet")]
+    rows = bench_bundles(
+        bundles, [int(b) for b in args.batch_sizes.split(",")], repeats=args.repeats, threads=args.threads
+    )
+    out = Path(args.out)
+    table = markdown(rows)
+    write_json_atomic(out / "onnx_results.json", rows)
+    write_atomic(out / "onnx_results.md", lambda tmp: tmp.write_text(table))
+    print(table, end="")
+
+
 def add_bench_parser(sub: argparse._SubParsersAction) -> None:
-    bench = sub.add_parser("bench", help="measurements: training speed and memory").add_subparsers(
+    bench = sub.add_parser("bench", help="measurements: training and onnxruntime speed").add_subparsers(
         dest="bench_command", required=True, metavar="WHAT"
     )
     p = bench.add_parser(
@@ -228,6 +248,17 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default="bench-results", help="folder for train_results.json and .md")
     p.set_defaults(func=cmd_bench_train)
+
+    p = bench.add_parser(
+        "onnx", help="onnxruntime ms per image of bundles, side by side (default: the default backbone and fpet)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )  # fmt: skip
+    p.add_argument("--bundle", action="append", help="bundle folder (repeat); the first is the baseline")
+    p.add_argument("--batch-sizes", default="1,8")
+    p.add_argument("--repeats", type=int, default=5, help="interleaved repeats of at least 0.5 s each")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", default="bench-results")
+    p.set_defaults(func=cmd_bench_onnx)
 
 
 def build_parser() -> argparse.ArgumentParser:

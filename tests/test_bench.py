@@ -7,3 +7,20 @@ def test_train_benchmark_smoke():
     assert [r["schedule"] for r in rows] == ["none", "6:0.5"]
     assert rows[0]["speedup"] == 1.0 and rows[1]["images_per_s"] > 0 and rows[1]["peak_rss_mb"] > 0
     assert "| adaptformer | `6:0.5` |" in markdown(rows)
+
+
+def test_onnx_benchmark_smoke(tmp_path):
+    from bench.onnx_runtime import bench_bundles
+    from bench.onnx_runtime import markdown as onnx_markdown
+    from export.exporter import ExportOptions, export_bundle
+    from tests.test_export import make_run
+
+    run = make_run(tmp_path / "run")
+    for variant in ("backbone", "fpet"):
+        export_bundle(run, tmp_path / variant, ExportOptions(variant=variant, formats=("onnx",)), log=lambda _: None)
+    rows = bench_bundles([tmp_path / "backbone", tmp_path / "fpet"], [1, 2], repeats=1, min_seconds=0.01, threads=1)
+    assert len(rows) == 2 * 2 * 2
+    assert all(r["ms_per_image"] > 0 for r in rows)
+    fpet = next(r for r in rows if r["variant"] == "fpet")
+    assert fpet["ideal_speedup_vs_first"] > 1
+    assert "| fpet | `6:0.5` |" in onnx_markdown(rows)
