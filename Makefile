@@ -17,8 +17,11 @@ setup: $(STAMP)
 run: $(STAMP)
 	$(BIN)/fpet weights fetch dinov2_vits14
 	$(BIN)/fpet export --default
-	$(BIN)/fpet describe --backbone vit_small_patch14_dinov2 --img-size 112 --method adaptformer --schedule 6:0.5
-	@echo "The /classify service lands in a later issue; see README.md."
+	@echo
+	@echo "Once the service says 'Application startup complete', in another terminal:"
+	@echo "  curl -s -X POST -H 'Content-Type: image/png' --data-binary @samples/ankle_boot.png 'http://127.0.0.1:8000/classify?top_k=5'"
+	@echo
+	$(BIN)/fpet serve --host 127.0.0.1 --port 8000
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

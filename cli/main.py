@@ -216,7 +216,7 @@ def cmd_bench_onnx(args: argparse.Namespace) -> None:
     if args.bundle:
         bundles = [Path(b) for b in args.bundle]
     else:
-        from export.defaults import default_bundle_dir
+        from fpet.paths import default_bundle_dir
 
         bundles = [default_bundle_dir("backbone"), default_bundle_dir("fpet")]
     rows = bench_bundles(
@@ -229,8 +229,58 @@ def cmd_bench_onnx(args: argparse.Namespace) -> None:
     print(table, end="")
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    from service.server import serve
+
+    overrides = {k: v for k, v in vars(args).items() if k not in ("func", "command")}
+    serve(overrides)
+
+
+def add_serve_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="serve bundles over HTTP: POST /classify, /metrics (settings: FPET_* variables; flags override them)",
+    )
+    p.add_argument("--host", help="default 127.0.0.1 (FPET_HOST)")
+    p.add_argument("--port", type=int, help="default 8000 (FPET_PORT)")
+    p.add_argument(
+        "--bundle", dest="bundles", action="append", help="bundle folder (repeat); default: the default model's two"
+    )
+    p.add_argument("--default-model", help="variant /classify uses without ?model= (default fpet)")
+    p.add_argument("--workers", type=int, help="uvicorn workers (default 1; metrics switch to multiprocess mode)")
+    p.add_argument("--providers", choices=["auto", "cpu", "cuda"], help="default auto: CUDA when onnxruntime has it")
+    p.add_argument("--threads", type=int, help="onnxruntime intra-op threads per model (default: onnxruntime's)")
+    p.add_argument("--max-batch-size", type=int, help="default 32 on a GPU, 8 on a CPU")
+    p.add_argument("--max-delay-ms", type=float, help="default 2")
+    p.add_argument("--max-queue-images", type=int, help="default 64")
+    p.add_argument("--deadline-ms", type=float, help="default 10000")
+    p.add_argument("--max-bytes", type=int, help="default 8 MiB")
+    p.add_argument("--max-pixels", type=int, help="default 40000000")
+    p.add_argument("--max-images", type=int, help="default 16")
+    p.add_argument("--api-key", help="require this key on the classify endpoints (FPET_API_KEY)")
+    p.set_defaults(func=cmd_serve)
+
+
+def cmd_bench_http(args: argparse.Namespace) -> None:
+    from bench.http import bench_http, markdown
+    from fpet.atomic import write_atomic, write_json_atomic
+
+    images = [Path(p) for p in args.image] if args.image else sorted(Path("samples").glob("*.png"))
+    if not images:
+        from fpet.errors import FpetError
+
+        raise FpetError("no images: pass --image PATH (repeat) or run from the repository root (samples/*.png)")
+    rows = bench_http(args.url.rstrip("/"), images, [int(c) for c in args.concurrency.split(",")], args.requests,
+                      args.models.split(","))  # fmt: skip
+    out = Path(args.out)
+    table = markdown(rows)
+    write_json_atomic(out / "http_results.json", rows)
+    write_atomic(out / "http_results.md", lambda tmp: tmp.write_text(table))
+    print(table, end="")
+
+
 def add_bench_parser(sub: argparse._SubParsersAction) -> None:
-    bench = sub.add_parser("bench", help="measurements: training and onnxruntime speed").add_subparsers(
+    bench = sub.add_parser("bench", help="measurements: training, onnxruntime and HTTP speed").add_subparsers(
         dest="bench_command", required=True, metavar="WHAT"
     )
     p = bench.add_parser(
@@ -260,6 +310,18 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="bench-results")
     p.set_defaults(func=cmd_bench_onnx)
 
+    p = bench.add_parser(
+        "http", help="load a running service: p50/p95/p99 and throughput per variant and concurrency",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )  # fmt: skip
+    p.add_argument("--url", default="http://127.0.0.1:8000")
+    p.add_argument("--models", default="backbone,fpet")
+    p.add_argument("--concurrency", default="1,4,16")
+    p.add_argument("--requests", type=int, default=200, help="per model and concurrency")
+    p.add_argument("--image", action="append", help="PNG to send (repeat); default samples/*.png")
+    p.add_argument("--out", default="bench-results")
+    p.set_defaults(func=cmd_bench_http)
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fpet", description="Faster parameter-efficient tuning of ViTs: FPET.")
@@ -278,6 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_train_parser(sub)
     add_export_parser(sub)
+    add_serve_parser(sub)
     add_bench_parser(sub)
 
     weights = sub.add_parser("weights", help="pretrained backbones that work offline").add_subparsers(

@@ -9,9 +9,9 @@ from pathlib import Path
 from export.bundle import VARIANTS, is_bundle, read_manifest
 from export.exporter import ExportOptions, export_bundle, run_checksum
 from fpet.errors import FpetError
-from fpet.pretrained import fpet_home
+from fpet.paths import DEFAULT_RUN_NAME, default_bundle_dir
 
-DEFAULT_RUN = Path(__file__).resolve().parents[1] / "models" / "fashion_mnist_fpet_adaptformer"
+DEFAULT_RUN = Path(__file__).resolve().parents[1] / "models" / DEFAULT_RUN_NAME
 
 
 def default_run() -> Path:
@@ -19,11 +19,6 @@ def default_run() -> Path:
     if not run.is_dir():
         raise FpetError(f"the default model {run} is missing (set FPET_DEFAULT_RUN to a run folder)")
     return run
-
-
-def default_bundle_dir(variant: str, run: Path | None = None) -> Path:
-    run = run or default_run()
-    return fpet_home() / "bundles" / run.name / variant
 
 
 def is_fresh(bundle: Path, checksum: str) -> bool:
@@ -41,7 +36,7 @@ def ensure_default_bundles(force: bool = False, log: Callable[[str], None] = pri
     checksum = run_checksum(run)
     bundles = {}
     for variant in VARIANTS:
-        out = default_bundle_dir(variant, run)
+        out = default_bundle_dir(variant, run.name)
         if force or not is_fresh(out, checksum):
             export_bundle(run, out, ExportOptions(variant=variant), log=log)
         else:

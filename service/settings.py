@@ -1,0 +1,40 @@
+"""Service settings: environment variables `FPET_*`, overridden by `fpet serve` flags. Defaults are documented in
+the README; every one is safe for a single CPU host."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FPET_", extra="ignore")
+
+    bundles: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="bundle folders, comma-separated; empty: the default model's two bundles"
+    )
+    default_model: str = "fpet"
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    workers: int = Field(1, ge=1, description="uvicorn workers; on a GPU scale with replicas instead")
+    providers: Literal["auto", "cpu", "cuda"] = "auto"
+    allow_cpu_fallback: bool = Field(True, description="serve on CPU when CUDA was asked for but is unavailable")
+    threads: int = Field(0, ge=0, description="onnxruntime intra-op threads per model (0: onnxruntime's default)")
+    max_batch_size: int = Field(0, ge=0, description="largest batch per model (0: 32 on a GPU, 8 on a CPU)")
+    max_delay_ms: float = Field(2.0, ge=0, description="longest wait to fill a batch, only under load")
+    max_queue_images: int = Field(64, ge=1, description="queued images per model before 429")
+    deadline_ms: float = Field(10_000, gt=0, description="a request still queued after this is dropped with 504")
+    max_bytes: int = Field(8 * 2**20, gt=0, description="largest request body")
+    max_pixels: int = Field(40_000_000, gt=0, description="largest decoded image (decompression-bomb guard)")
+    max_images: int = Field(16, ge=1, description="most images in one JSON request")
+    api_key: SecretStr | None = Field(None, description="if set, classify endpoints need it (Bearer or X-API-Key)")
+    drain_timeout_s: float = Field(30.0, gt=0, description="how long SIGTERM waits for queued requests")
+
+    @field_validator("bundles", mode="before")
+    @classmethod
+    def _split(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value

@@ -1,0 +1,233 @@
+"""Every endpoint and error of the API, through the ASGI app, on tiny exported bundles."""
+
+import base64
+import io
+
+import numpy as np
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from service.app import create_app
+from service.settings import Settings
+from tests.test_decode import encode, png_bomb
+
+
+def jpeg(colour=(200, 30, 30), size=(64, 48)) -> bytes:
+    return encode(Image.new("RGB", size, colour), "JPEG")
+
+
+@pytest.fixture(scope="module")
+def client(tiny_bundles):
+    settings = Settings(bundles=[str(tiny_bundles["fpet"]), str(tiny_bundles["backbone"])], providers="cpu",
+                        max_batch_size=4, max_images=3, max_bytes=200_000)  # fmt: skip
+    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+        yield client
+
+
+def check_error(response, status, error_type):
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert body["error_type"] == error_type and body["error"] and body["request_id"] == response.headers["x-request-id"]
+    assert "Traceback" not in response.text
+
+
+def test_raw_body_classify(client):
+    response = client.post("/classify?top_k=3", content=jpeg(), headers={"Content-Type": "image/jpeg"})
+    assert response.status_code == 200
+    body = response.json()
+    assert body["model"] == "fpet" and body["execution_provider"] == "CPUExecutionProvider"
+    assert len(body["predictions"]) == 3 and {p["label"] for p in body["predictions"]} <= {"a", "b", "c"}
+    assert body["predictions"][0]["score"] >= body["predictions"][1]["score"]
+    assert set(body["timing_ms"]) == {"decode", "preprocess", "queue", "inference", "postprocess", "total"}
+    assert response.headers["x-request-id"] == body["request_id"]
+    assert "inference;dur=" in response.headers["server-timing"]
+
+
+def test_multipart_json_and_model_in_path(client):
+    multipart = client.post("/classify?model=backbone", files={"file": ("x.jpg", jpeg(), "image/jpeg")})
+    assert multipart.status_code == 200 and multipart.json()["model"] == "backbone"
+    one = client.post("/models/fpet/classify", json={"image_b64": base64.b64encode(jpeg()).decode()})
+    assert one.status_code == 200 and len(one.json()["results"]) == 1
+    images = [{"b64": base64.b64encode(jpeg(c)).decode()} for c in ((250, 0, 0), (0, 250, 0), (0, 0, 250))]
+    many = client.post("/classify", json={"images": images})
+    assert many.status_code == 200 and [r["image"] for r in many.json()["results"]] == [0, 1, 2]
+    assert client.post("/classify", headers={"X-Request-Id": "abc-123"}, content=jpeg(),
+                       ).status_code == 415  # fmt: skip
+
+
+def test_same_answer_as_pytorch_through_the_same_preprocessing(client, tiny_bundles):
+    from export.bundle import read_manifest
+    from training.checkpoint import load_run
+    from training.data import Preprocessing
+
+    manifest = read_manifest(tiny_bundles["fpet"])
+    model, config = load_run(manifest["source_run"]["path"])
+    image = Image.new("RGB", (80, 50))
+    image.putdata([(x * 3 % 256, y * 5 % 256, (x + y) % 256) for y in range(50) for x in range(80)])
+    png = encode(image, "PNG")
+    pre = Preprocessing.from_dict(config["preprocessing"])
+    with torch.no_grad():
+        logits = model(pre.to_input(torch.from_numpy(pre.resize_image(image))[None]))[0]
+    expected = torch.softmax(logits, -1).numpy()
+    body = client.post("/classify", content=png, headers={"Content-Type": "image/png"}).json()
+    for p in body["predictions"]:
+        assert p["score"] == pytest.approx(float(expected[p["index"]]), abs=1e-4)
+
+
+def test_compare_runs_every_variant_on_the_same_image(client):
+    body = client.post("/classify/compare", content=jpeg(), headers={"Content-Type": "image/jpeg"}).json()
+    assert set(body["models"]) == {"fpet", "backbone"}
+    assert isinstance(body["top1_agreement"], bool) and body["speedup"] > 0
+    assert body["models"]["fpet"]["inference_ms_per_image"] > 0
+
+
+def test_health_and_metadata(client):
+    assert client.get("/healthz").json() == {"status": "alive"}
+    assert client.get("/v2/health/live").status_code == 200
+    assert client.get("/readyz").status_code == 200 and client.get("/v2/health/ready").status_code == 200
+    assert client.get("/v2/models/fpet/ready").json() == {"name": "fpet", "ready": True}
+    meta = client.get("/models/fpet").json()
+    assert meta == client.get("/v2/models/fpet").json()
+    assert meta["schedule"] == "6:0.5" and meta["tokens_per_block"][7] == 9 and meta["gflops_per_image"] > 0
+    assert meta["execution_provider"] == "CPUExecutionProvider" and meta["batcher"]["max_batch_size"] == 4
+    assert client.get("/models/backbone").json()["schedule"] == "none"
+    assert client.get("/models/fpet/labels").json() == ["a", "b", "c"]
+    assert [m["name"] for m in client.get("/models").json()["models"]] == ["fpet", "backbone"]
+    info = client.get("/info").json()
+    assert info["ready"] and set(info["models"]) == {"fpet", "backbone"}
+    schema = client.get("/openapi.json").json()
+    body = schema["paths"]["/classify"]["post"]["requestBody"]["content"]
+    assert {"multipart/form-data", "image/jpeg", "application/json"} <= set(body)
+
+
+def test_metrics_follow_the_conventions(client):
+    client.post("/classify", content=jpeg(), headers={"Content-Type": "image/jpeg"})
+    text = client.get("/metrics").text
+    for name in ("fpet_requests_total", "fpet_request_duration_seconds_bucket", "fpet_stage_duration_seconds_bucket",
+                 "fpet_batch_inference_duration_seconds_bucket", "fpet_images_total", "fpet_batches_total",
+                 "fpet_batch_size_bucket", "fpet_queue_images", "fpet_requests_in_flight", "fpet_model_ready",
+                 "fpet_model_info", "fpet_model_gflops_per_image", "fpet_model_load_duration_seconds",
+                 "fpet_model_warmup_duration_seconds", "fpet_build_info"):  # fmt: skip
+        assert name in text, name
+    assert 'le="0.0075"' in text and 'fpet_requests_total{code="200",model="fpet"}' in text
+
+
+@pytest.mark.parametrize(
+    ("request_kwargs", "status", "error_type"),
+    [
+        ({"content": b"", "headers": {"Content-Type": "image/jpeg"}}, 400, "invalid_request"),
+        ({"content": jpeg()[:300], "headers": {"Content-Type": "image/jpeg"}}, 400, "invalid_image"),
+        ({"content": b"plain text, called a JPEG", "headers": {"Content-Type": "image/jpeg"}}, 400, "invalid_image"),
+        ({"json": {"image_b64": "***not base64***"}}, 400, "invalid_request"),
+        ({"content": b"{not json", "headers": {"Content-Type": "application/json"}}, 400, "invalid_request"),
+        ({"content": png_bomb(90_000, 90_000), "headers": {"Content-Type": "image/png"}}, 413, "payload_too_large"),
+        ({"content": b"\xff\xd8\xff" + b"0" * 300_000, "headers": {"Content-Type": "image/jpeg"}}, 413,
+         "payload_too_large"),
+        ({"json": {"images": [{"b64": "AAAA"}] * 4}}, 413, "payload_too_large"),
+        ({"content": encode(Image.new("RGB", (8, 8)), "GIF"), "headers": {"Content-Type": "image/gif"}}, 415,
+         "unsupported_media_type"),
+        ({"content": encode(Image.new("RGB", (8, 8)), "TIFF"), "headers": {"Content-Type": "image/png"}}, 415,
+         "unsupported_media_type"),
+        ({"content": b"hello", "headers": {"Content-Type": "text/plain"}}, 415, "unsupported_media_type"),
+        ({"json": {"images": []}}, 422, "validation_error"),
+        ({"json": {"images": "nope"}}, 422, "validation_error"),
+    ],
+)  # fmt: skip
+def test_bad_requests(client, request_kwargs, status, error_type):
+    check_error(client.post("/classify", **request_kwargs), status, error_type)
+
+
+def test_grey_rgba_and_16_bit_images_are_accepted(client):
+    for image in (Image.new("L", (30, 30), 90), Image.new("RGBA", (30, 30), (9, 8, 7, 6)),
+                  Image.fromarray(np.full((30, 30), 40000, dtype=np.uint16))):  # fmt: skip
+        assert (
+            client.post("/classify", content=encode(image, "PNG"), headers={"Content-Type": "image/png"}).status_code
+            == 200
+        )
+
+
+def test_unknown_model_query_and_route_errors(client):
+    check_error(client.post("/classify?model=resnet", content=jpeg(), headers={"Content-Type": "image/jpeg"}), 404,
+                "model_not_found")  # fmt: skip
+    assert 'model="resnet"' not in client.get("/metrics").text
+    check_error(client.get("/models/resnet"), 404, "model_not_found")
+    check_error(client.post("/classify?top_k=0", content=jpeg(), headers={"Content-Type": "image/jpeg"}), 422,
+                "validation_error")  # fmt: skip
+    check_error(client.get("/nowhere"), 404, "not_found")
+    soon = {"Content-Type": "image/jpeg", "X-Request-Timeout-Ms": "soon"}
+    check_error(client.post("/classify", content=jpeg(), headers=soon), 400, "invalid_request")
+
+
+def test_a_request_past_its_deadline_gets_504(client):
+    response = client.post(
+        "/classify", content=jpeg(), headers={"Content-Type": "image/jpeg", "X-Request-Timeout-Ms": "0"}
+    )
+    check_error(response, 504, "timeout")
+
+
+def test_api_key_and_queue_limits(tiny_bundles):
+    settings = Settings(bundles=[str(tiny_bundles["fpet"])], providers="cpu", api_key="s3cret", max_queue_images=1,
+                        max_images=4)  # fmt: skip
+    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+        headers = {"Content-Type": "image/jpeg"}
+        check_error(client.post("/classify", content=jpeg(), headers=headers), 401, "unauthorized")
+        check_error(client.post("/classify", content=jpeg(), headers={**headers, "X-API-Key": "wrong"}), 401,
+                    "unauthorized")  # fmt: skip
+        assert client.post("/classify", content=jpeg(), headers={**headers, "X-API-Key": "s3cret"}).status_code == 200
+        ok = client.post("/classify", content=jpeg(), headers={**headers, "Authorization": "Bearer s3cret"})
+        assert ok.status_code == 200
+        assert client.get("/readyz").status_code == 200  # health and metadata need no key
+        images = [{"b64": base64.b64encode(jpeg()).decode()}] * 2
+        response = client.post("/classify", json={"images": images}, headers={"X-API-Key": "s3cret"})
+        check_error(response, 429, "overloaded")
+        assert response.headers["retry-after"] == "1"
+
+
+def test_not_ready_when_the_models_cannot_load(tmp_path):
+    with TestClient(create_app(Settings(bundles=[str(tmp_path)], providers="cpu")), raise_server_exceptions=False) as c:
+        assert c.get("/healthz").status_code == 200
+        response = c.get("/readyz")
+        check_error(response, 503, "not_ready")
+        assert "not a model bundle" in response.json()["error"] and response.headers["retry-after"]
+
+
+def test_cuda_fallback_is_detected_and_can_block_readiness(tiny_bundles):
+    settings = Settings(bundles=[str(tiny_bundles["fpet"])], providers="cuda", allow_cpu_fallback=False)
+    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+        meta = client.get("/models/fpet").json()
+        assert meta["provider_fallback"] and meta["execution_provider"] == "CPUExecutionProvider"
+        assert client.get("/readyz").status_code == 503
+        assert "fpet_execution_provider_fallback_total" in client.get("/metrics").text
+
+
+def test_service_preprocessing_equals_training_preprocessing():
+    from fpet.imaging import normalize, resize_rgb
+    from training.data import Preprocessing
+
+    image = Image.open(io.BytesIO(jpeg((12, 200, 99), (77, 31))))
+    pre = Preprocessing(32, normalize="imagenet")
+    d = pre.to_dict()
+    ours = normalize(resize_rgb(image, 32)[None], d["mean"], d["std"])
+    theirs = pre.to_input(torch.from_numpy(pre.resize_image(image))[None]).numpy()
+    np.testing.assert_allclose(ours, theirs, atol=1e-6)
+
+
+def test_sigterm_turns_readiness_off_at_once_then_hands_over():
+    import os
+    import signal
+
+    from service.app import State, watch_sigterm
+
+    calls = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: calls.append(signum))
+    try:
+        state = State(Settings())
+        state.ready = True
+        watch_sigterm(state)
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert state.draining and not state.ready
+        assert calls == [signal.SIGTERM]  # uvicorn's own handler still runs: it drains the connections
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -1,0 +1,125 @@
+"""The micro-batcher with a fake runner: batching, delay, queue bound, deadlines."""
+
+import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from service.batcher import MicroBatcher
+from service.errors import ServiceError
+
+
+class FakeRunner:
+    def __init__(self, seconds: float = 0.0, fail: bool = False):
+        self.seconds, self.fail, self.batches = seconds, fail, []
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        self.batches.append(len(batch))
+        time.sleep(self.seconds)
+        if self.fail:
+            raise RuntimeError("boom")
+        return batch.reshape(len(batch), -1)[:, :2] * 2
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+async def with_batcher(runner, body, **kwargs):
+    settings = {"max_batch": 4, "max_delay": 0.002, "max_queue": 16, **kwargs}
+    with ThreadPoolExecutor(1) as executor:
+        batcher = MicroBatcher(runner, executor, **settings)
+        batcher.start()
+        try:
+            return await body(batcher)
+        finally:
+            await batcher.stop()
+
+
+def images(n):
+    return [np.full((1, 2, 2), i, dtype=np.float32) for i in range(n)]
+
+
+def test_results_come_back_in_order_and_in_batches():
+    runner = FakeRunner(seconds=0.05)
+
+    async def body(batcher):
+        first = asyncio.ensure_future(batcher.submit(images(1), time.perf_counter() + 5))
+        await asyncio.sleep(0.01)  # the first batch is running: the next requests queue up
+        rest = await asyncio.gather(*(batcher.submit([img], time.perf_counter() + 5) for img in images(6)))
+        return await first, rest
+
+    _, rest = run(with_batcher(runner, body))
+    assert [float(r[0].logits[0]) for r in rest] == [0.0, 2.0, 4.0, 6.0, 8.0, 10.0]
+    assert runner.batches[0] == 1 and max(runner.batches) == 4  # later batches are full, up to max_batch
+    assert sum(runner.batches) == 7
+    assert {r[0].batch_size for r in rest} <= {2, 3, 4}
+
+
+def test_an_idle_batcher_never_waits():
+    runner = FakeRunner()
+
+    async def body(batcher):
+        start = time.perf_counter()
+        await batcher.submit(images(1), start + 5)
+        return time.perf_counter() - start
+
+    assert run(with_batcher(runner, body, max_delay=1.0)) < 0.5  # a 1 s delay is never paid by a lone request
+
+
+def test_under_load_it_waits_at_most_the_delay_to_fill_a_batch():
+    runner = FakeRunner()
+
+    async def body(batcher):
+        start = time.perf_counter()
+        await asyncio.gather(*(batcher.submit([img], start + 5) for img in images(2)))
+        return time.perf_counter() - start
+
+    elapsed = run(with_batcher(runner, body, max_delay=0.2))
+    assert runner.batches == [2] and 0.15 < elapsed < 1.5
+
+
+def test_a_full_queue_answers_429():
+    runner = FakeRunner(seconds=0.2)
+
+    async def body(batcher):
+        running = asyncio.ensure_future(batcher.submit(images(1), time.perf_counter() + 5))
+        await asyncio.sleep(0.05)
+        queued = asyncio.ensure_future(batcher.submit(images(3), time.perf_counter() + 5))
+        await asyncio.sleep(0)
+        with pytest.raises(ServiceError) as error:
+            await batcher.submit(images(2), time.perf_counter() + 5)
+        await asyncio.gather(running, queued)
+        return error.value
+
+    error = run(with_batcher(runner, body, max_queue=4))
+    assert error.status == 429 and error.error_type == "overloaded" and error.headers["Retry-After"] == "1"
+
+
+def test_requests_past_their_deadline_are_dropped_before_inference():
+    runner = FakeRunner(seconds=0.1)
+
+    async def body(batcher):
+        slow = asyncio.ensure_future(batcher.submit(images(1), time.perf_counter() + 5))
+        await asyncio.sleep(0.02)
+        with pytest.raises(ServiceError) as error:
+            await batcher.submit(images(1), time.perf_counter() + 0.01)
+        await slow
+        return error.value
+
+    error = run(with_batcher(runner, body))
+    assert error.status == 504 and runner.batches == [1]  # the late image never reached the model
+
+
+def test_a_failing_batch_fails_its_requests_not_the_batcher():
+    runner = FakeRunner(fail=True)
+
+    async def body(batcher):
+        with pytest.raises(RuntimeError, match="boom"):
+            await batcher.submit(images(2), time.perf_counter() + 5)
+        runner.fail = False
+        return await batcher.submit(images(1), time.perf_counter() + 5)
+
+    assert len(run(with_batcher(runner, body))) == 1

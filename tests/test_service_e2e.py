@@ -1,0 +1,155 @@
+"""`fpet serve` as a real uvicorn process on a free loopback port: concurrent load, /metrics, SIGTERM drain,
+several workers, and a schemathesis run against the service's own OpenAPI schema."""
+
+import concurrent.futures
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+from PIL import Image
+
+from tests.test_app import jpeg
+from tests.test_decode import encode
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(bundles: dict, tmp_path, *extra: str, env: dict | None = None):
+    port = free_port()
+    log = open(tmp_path / f"serve-{port}.log", "w")  # noqa: SIM115 (the server process writes it while it runs)
+    cmd = [sys.executable, "-m", "cli.main", "serve", "--port", str(port), "--providers", "cpu", "--threads", "1",
+           "--bundle", str(bundles["fpet"]), "--bundle", str(bundles["backbone"]), *extra]  # fmt: skip
+    process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+    base = f"http://127.0.0.1:{port}"
+    for _ in range(300):
+        try:
+            if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
+                return process, base
+        except httpx.TransportError:
+            pass
+        if process.poll() is not None:
+            break
+        time.sleep(0.1)
+    process.kill()
+    raise AssertionError((tmp_path / f"serve-{port}.log").read_text()[-3000:])
+
+
+def classify(base: str, model: str = "fpet") -> int:
+    return httpx.post(f"{base}/classify?model={model}", content=jpeg(), headers={"Content-Type": "image/jpeg"},
+                      timeout=30).status_code  # fmt: skip
+
+
+def metric_value(text: str, prefix: str) -> float:
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(prefix))
+
+
+@pytest.fixture(scope="module")
+def server(tiny_bundles, tmp_path_factory):
+    process, base = start_server(tiny_bundles, tmp_path_factory.mktemp("e2e"))
+    yield base
+    process.kill()
+    process.wait()
+
+
+def test_concurrent_requests_move_the_histograms(server):
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        codes = list(pool.map(lambda i: classify(server, ("fpet", "backbone")[i % 2]), range(40)))
+    assert codes == [200] * 40
+    text = httpx.get(f"{server}/metrics").text
+    for model in ("fpet", "backbone"):
+        assert metric_value(text, f'fpet_request_duration_seconds_count{{model="{model}"') >= 20
+        assert metric_value(text, f'fpet_batch_inference_duration_seconds_count{{model="{model}"') >= 1
+        assert metric_value(text, f'fpet_images_total{{model="{model}"}}') >= 20
+    assert metric_value(text, 'fpet_batch_size_count{model="fpet"}') <= 20  # some requests shared a batch or not
+
+
+def test_schemathesis_finds_no_server_error_and_keeps_to_the_schema(server):
+    import schemathesis
+    from hypothesis import HealthCheck, given, settings
+    from schemathesis.checks import not_a_server_error
+    from schemathesis.specs.openapi.checks import (
+        content_type_conformance,
+        response_schema_conformance,
+        status_code_conformance,
+    )
+
+    schema = schemathesis.openapi.from_url(f"{server}/openapi.json")
+    checks = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
+    cases = []
+    for operation in schema.get_all_operations():
+        op = operation.ok()
+
+        @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+        @given(case=op.as_strategy())
+        def check(case):
+            response = case.call(timeout=30)
+            cases.append(response.status_code)
+            case.validate_response(response, checks=checks)
+
+        check()
+    assert len(cases) >= 200
+
+
+def test_sigterm_drains_every_accepted_request(tiny_bundles, tmp_path):
+    process, base = start_server(tiny_bundles, tmp_path, "--max-delay-ms", "5")
+    outcomes = []
+
+    def client_loop():
+        with httpx.Client(timeout=30) as session:
+            for _ in range(200):
+                try:
+                    response = session.post(f"{base}/classify", content=jpeg(), headers={"Content-Type": "image/jpeg"})
+                    outcomes.append(response.status_code)
+                except httpx.ConnectError:
+                    outcomes.append("refused")  # never accepted: the listener was closed
+                    return
+                except httpx.TransportError as exc:
+                    outcomes.append(f"dropped: {exc!r}")
+                    return
+
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        futures = [pool.submit(client_loop) for _ in range(6)]
+        time.sleep(1.0)
+        process.send_signal(signal.SIGTERM)
+        concurrent.futures.wait(futures)
+    # uvicorn re-raises the SIGTERM it captured once it has shut down cleanly, so the exit status is -SIGTERM
+    assert process.wait(timeout=60) in (0, -signal.SIGTERM)
+    log = "".join(p.read_text() for p in tmp_path.glob("serve-*.log"))
+    assert "Application shutdown complete" in log
+    assert outcomes.count(200) > 10
+    assert not [o for o in outcomes if str(o).startswith("dropped") or o not in (200, 503, "refused")], outcomes
+
+
+def test_several_workers_share_one_metrics_view(tiny_bundles, tmp_path):
+    process, base = start_server(tiny_bundles, tmp_path, "--workers", "2",
+                                 env={"PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "prom")})  # fmt: skip
+    try:
+        for _ in range(20):  # new connections spread over both workers
+            assert classify(base) == 200
+        text = httpx.get(f"{base}/metrics").text
+        assert metric_value(text, 'fpet_requests_total{code="200",model="fpet"}') == 20
+        assert metric_value(text, 'fpet_request_duration_seconds_count{model="fpet"') == 20
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
+
+
+def test_http_benchmark_smoke(server, tmp_path):
+    from bench.http import bench_http, markdown
+
+    image = tmp_path / "x.png"
+    image.write_bytes(encode(Image.new("RGB", (20, 20)), "PNG"))
+    rows = bench_http(server, [image], [1, 2], 4, ["backbone", "fpet"])
+    assert [(r["model"], r["concurrency"]) for r in rows] == [
+        ("backbone", 1), ("fpet", 1), ("fpet", 2), ("backbone", 2)]  # fmt: skip
+    assert all(r["ok"] == 4 and not r["errors"] for r in rows)
+    assert "| fpet | 2 |" in markdown(rows)
