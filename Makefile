@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint format setup clean
+.PHONY: run bundles test lint format setup clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -14,9 +14,11 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-run: $(STAMP)
+bundles: $(STAMP)
 	$(BIN)/fpet weights fetch dinov2_vits14
 	$(BIN)/fpet export --default
+
+run: bundles
 	@echo
 	@echo "Once the service says 'Application startup complete', in another terminal:"
 	@echo "  curl -s -X POST -H 'Content-Type: image/png' --data-binary @samples/ankle_boot.png 'http://127.0.0.1:8000/classify?top_k=5'"

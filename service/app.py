@@ -97,6 +97,7 @@ def load(state: State) -> None:
             raise ServiceError(500, "internal_error", f"two bundles serve the variant {runner.name!r}")
         runner.warm_up(state.max_batch(runner))
         state.runners[runner.name] = runner
+        metrics.initialise(runner.name)
         m = runner.manifest
         metrics.INFO.labels(runner.name, m["version"], m["backbone"]["name"], runner.provider, m["precision"],
                             m["schedule"]).set(1)  # fmt: skip

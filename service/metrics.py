@@ -24,6 +24,8 @@ LATENCY_BUCKETS = (0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 
                    0.3, 0.5, 0.75, 1, 2, 5, 10)  # fmt: skip
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 STAGES = ("decode", "preprocess", "queue", "inference", "postprocess")
+REASONS = ("invalid_image", "invalid_request", "unauthorized", "payload_too_large", "unsupported_media_type",
+           "validation_error", "overloaded", "not_ready", "shutting_down", "timeout", "internal_error")  # fmt: skip
 
 REQUESTS = Counter("fpet_requests", "Requests answered", ["model", "code"])
 ERRORS = Counter("fpet_request_errors", "Requests answered with an error", ["model", "reason"])
@@ -56,6 +58,13 @@ LOAD_SECONDS = Gauge("fpet_model_load_duration_seconds", "Model load time", ["mo
 WARMUP_SECONDS = Gauge("fpet_model_warmup_duration_seconds", "Warm-up time", ["model"], multiprocess_mode="max")
 FALLBACKS = Counter("fpet_execution_provider_fallback", "CUDA asked for, CPU given by onnxruntime", ["model"])
 BUILD = Gauge("fpet_build_info", "Build", ["version", "git_sha", "onnxruntime"], multiprocess_mode="max")
+
+
+def initialise(model: str) -> None:
+    """Create every labelled series of a model at zero, so dashboards and alerts see 0 rather than nothing."""
+    for reason in REASONS:
+        ERRORS.labels(model, reason)
+    FALLBACKS.labels(model)
 
 
 def render() -> tuple[bytes, str]:
