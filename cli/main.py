@@ -209,6 +209,26 @@ def cmd_bench_train(args: argparse.Namespace) -> None:
     print("(random weights: speed and memory do not depend on them)")
 
 
+def cmd_bench_model(args: argparse.Namespace) -> None:
+    from bench.model import bench_model, markdown, plot
+    from fpet.atomic import write_atomic, write_json_atomic
+
+    rows = bench_model(
+        args.backbone, args.img_size, args.schedules.split(","), args.runtimes.split(","),
+        [int(b) for b in args.batch_sizes.split(",")], threads=args.threads, device=args.device,
+        precision=args.precision, repeats=args.repeats, min_seconds=args.min_seconds,
+        log=lambda message: print(message, file=sys.stderr),
+    )  # fmt: skip
+    out = Path(args.out)
+    table = markdown(rows)
+    write_json_atomic(out / "results.json", rows)
+    write_atomic(out / "results.md", lambda tmp: tmp.write_text(table))
+    plots = plot(rows, out)
+    print(table, end="")
+    print(f"random weights (speed does not depend on them); wrote {out / 'results.json'}, results.md, "
+          f"{', '.join(p.name for p in plots)}")  # fmt: skip
+
+
 def cmd_bench_onnx(args: argparse.Namespace) -> None:
     from bench.onnx_runtime import bench_bundles, markdown
     from fpet.atomic import write_atomic, write_json_atomic
@@ -283,6 +303,24 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     bench = sub.add_parser("bench", help="measurements: training, onnxruntime and HTTP speed").add_subparsers(
         dest="bench_command", required=True, metavar="WHAT"
     )
+    p = bench.add_parser(
+        "model", help="ms per image per schedule, runtime and batch size, with ideal speedups from GMACs",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )  # fmt: skip
+    p.add_argument("--backbone", default="vit_small_patch16_224")
+    p.add_argument("--img-size", type=int, default=None, help="default: the backbone's")
+    p.add_argument("--schedules", default="none,6:0.5,tome:13,3:0.5+6:0.5+9:0.5",
+                   help="comma-separated; + joins the points of one schedule")  # fmt: skip
+    p.add_argument("--runtimes", default="torch,onnx,torchscript")
+    p.add_argument("--batch-sizes", default="1,8")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"])
+    p.add_argument("--repeats", type=int, default=3, help="interleaved repeats")
+    p.add_argument("--min-seconds", type=float, default=0.5, help="shortest sample")
+    p.add_argument("--out", default="bench-results/model")
+    p.set_defaults(func=cmd_bench_model)
+
     p = bench.add_parser(
         "train", help="training img/s and peak memory per method and schedule, side by side",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,

@@ -93,14 +93,17 @@ def _parse_block(text: str, item: str) -> int:
 
 
 def parse_schedule(spec: str | MergeSchedule | None) -> MergeSchedule:
-    """Parse `none`, `6:0.5`, `3:0.5,6:0.5,9:0.5`, `tome:13` (every block), `tome:6:8`, `fpet:6:0.5`."""
+    """Parse `none`, `6:0.5`, `3:0.5,6:0.5,9:0.5`, `tome:13` (every block), `tome:6:8`, `fpet:6:0.5`.
+
+    `+` separates points too (`3:0.5+6:0.5`), for lists of schedules that are themselves comma-separated.
+    """
     if isinstance(spec, MergeSchedule):
         return spec
     text = (spec or "none").strip().lower()
     if text in ("", "none"):
         return MergeSchedule()
     points = []
-    for item in (part.strip() for part in text.split(",")):
+    for item in (part.strip() for part in text.replace("+", ",").split(",")):
         fields = item.split(":")
         method: Method = "fpet"
         if fields[0] in ("fpet", "tome"):

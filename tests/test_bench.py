@@ -24,3 +24,19 @@ def test_onnx_benchmark_smoke(tmp_path):
     fpet = next(r for r in rows if r["variant"] == "fpet")
     assert fpet["ideal_speedup_vs_first"] > 1
     assert "| fpet | `6:0.5` |" in onnx_markdown(rows)
+
+
+def test_model_benchmark_smoke(tmp_path):
+    from bench.model import bench_model, plot
+    from bench.model import markdown as model_markdown
+
+    rows = bench_model("vit_tiny_patch16_224", 64, ["6:0.5"], ["torch", "onnx"], [2], threads=1, repeats=2,
+                       min_seconds=0.01, log=lambda _: None)  # fmt: skip
+    assert {(r["schedule"], r["runtime"]) for r in rows} == {
+        (s, r) for s in ("none", "6:0.5") for r in ("torch", "onnx")
+    }
+    fpet = next(r for r in rows if r["schedule"] == "6:0.5" and r["runtime"] == "torch")
+    assert fpet["ideal_speedup"] > 1 and 0 < fpet["merge_share_of_time"] < 1
+    assert all(r["speedup"] == 1.0 for r in rows if r["schedule"] == "none")
+    assert "| `6:0.5` | onnx | 2 |" in model_markdown(rows)
+    assert all(p.stat().st_size > 1000 for p in plot(rows, tmp_path))

@@ -18,6 +18,7 @@ from tests.conftest import TINY
         ("6:0.5", (MergePoint(6, 0.5, "fpet"),)),
         ("fpet:6:0.5", (MergePoint(6, 0.5, "fpet"),)),
         ("3:0.5, 6:0.5,9:0.5", (MergePoint(3, 0.5), MergePoint(6, 0.5), MergePoint(9, 0.5))),
+        ("3:0.5+6:0.5", (MergePoint(3, 0.5), MergePoint(6, 0.5))),
         ("tome:13", (MergePoint(None, 13, "tome"),)),
         ("tome:4:8", (MergePoint(4, 8, "tome"),)),
         ("2:10", (MergePoint(2, 10, "fpet"),)),

@@ -1,0 +1,233 @@
+"""Model speed per merge schedule, runtime and batch size, measured side by side, with analytic ideals.
+
+For each batch size the variants (schedule x runtime) are interleaved across repeats, so machine drift hits all
+alike; each sample runs for at least `min_seconds`. Speedups are against `none` with the same runtime and batch,
+in the same run. Random weights: speed does not depend on them. The FPET matching (key refinement, scores, argmax,
+merge) is timed inside the torch runs to report its share of the model's time.
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from fpet.config import get_config, grid_size
+from fpet.cost import model_macs
+from fpet.pet import PetConfig
+from fpet.schedule import parse_schedule, plan
+from fpet.vit import create_model
+
+RUNTIMES = ("torch", "onnx", "torchscript")
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class MergeTimer:
+    """Accumulates the wall time spent in merge modules (synchronising on CUDA), via forward hooks."""
+
+    def __init__(self, model: torch.nn.Module, device: torch.device):
+        self.seconds, self.device, self._start = 0.0, device, 0.0
+        for block in model.blocks:
+            if block.merger is not None:
+                block.merger.register_forward_pre_hook(self._before)
+                block.merger.register_forward_hook(self._after)
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _before(self, *_args) -> None:
+        self._sync()
+        self._start = time.perf_counter()
+
+    def _after(self, *_args) -> None:
+        self._sync()
+        self.seconds += time.perf_counter() - self._start
+
+
+def make_runner(model, runtime: str, example: torch.Tensor, folder: Path, device: torch.device):
+    """A callable running one batch to completion in the given runtime."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    if runtime == "torch":
+
+        def run_torch(x: torch.Tensor) -> None:
+            with torch.no_grad():
+                model(x)
+            sync()
+
+        return run_torch
+    if runtime == "torchscript":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            traced = torch.jit.trace(model, example, check_trace=False)
+
+        def run_ts(x: torch.Tensor) -> None:
+            with torch.no_grad():
+                traced(x)
+            sync()
+
+        return run_ts
+    if runtime == "onnx":
+        import onnxruntime as ort
+
+        from export.exporter import export_onnx
+
+        path = folder / f"{id(model)}.onnx"
+        export_onnx(model, path, example, 17)
+        providers = (
+            ["CUDAExecutionProvider", "CPUExecutionProvider"] if device.type == "cuda" else ["CPUExecutionProvider"]
+        )
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.log_severity_level = 3
+        session = ort.InferenceSession(str(path), options, providers=providers)
+        name = session.get_inputs()[0].name
+        return lambda x: session.run(None, {name: x.cpu().numpy()})
+    raise ValueError(f"unknown runtime {runtime!r}; choose from {', '.join(RUNTIMES)}")
+
+
+def sample(run: Callable, x: torch.Tensor, min_seconds: float) -> tuple[float, int]:
+    """Total seconds and number of runs, running for at least `min_seconds`."""
+    runs, start = 0, time.perf_counter()
+    while True:
+        run(x)
+        runs += 1
+        elapsed = time.perf_counter() - start
+        if elapsed >= min_seconds:
+            return elapsed, runs
+
+
+def bench_model(
+    backbone: str = "vit_small_patch16_224",
+    img_size: int | None = None,
+    schedules: list[str] = ("none", "6:0.5", "tome:13", "3:0.5+6:0.5+9:0.5"),
+    runtimes: list[str] = RUNTIMES,
+    batch_sizes: list[int] = (1, 8),
+    threads: int = 2,
+    device: str = "cpu",
+    precision: str = "fp32",
+    repeats: int = 3,
+    min_seconds: float = 0.5,
+    log: Callable[[str], None] = print,
+) -> list[dict]:
+    torch.set_num_threads(threads)
+    target = torch.device(device)
+    dtype = DTYPES[precision]
+    cfg = get_config(backbone)
+    size = img_size or cfg.img_size
+    grid = grid_size(size, cfg.patch_size)
+    schedules = list(dict.fromkeys(["none", *schedules]))
+    models = {}
+    for spec in schedules:
+        torch.manual_seed(0)
+        model = create_model(cfg, num_classes=1000, img_size=size, method="full", schedule=spec)
+        models[spec] = model.freeze_for_deployment().to(target, dtype)
+    rows: list[dict] = []
+    with tempfile.TemporaryDirectory(prefix="fpet-bench-") as tmp:
+        for batch in batch_sizes:
+            x = torch.rand(batch, 3, size, size, device=target).to(dtype)
+            runners, timers = {}, {}
+            for spec, model in models.items():
+                for runtime in runtimes:
+                    if runtime == "onnx" and precision == "bf16":
+                        continue  # onnxruntime has no bf16 kernels for these ops
+                    instance = copy.deepcopy(model) if runtime == "torch" else model
+                    if runtime == "torch":
+                        timers[spec] = MergeTimer(instance, target)
+                    runners[(spec, runtime)] = make_runner(instance, runtime, x, Path(tmp), target)
+                    runners[(spec, runtime)](x)  # warm-up
+            samples: dict[tuple, list[float]] = {key: [] for key in runners}
+            merge_share: dict[str, list[float]] = {spec: [] for spec in timers}
+            for r in range(repeats):
+                for key, run in runners.items():
+                    timer = timers.get(key[0]) if key[1] == "torch" else None
+                    before = timer.seconds if timer else 0.0
+                    elapsed, runs = sample(run, x, min_seconds)
+                    samples[key].append(elapsed / runs)
+                    if timer:
+                        merge_share[key[0]].append((timer.seconds - before) / elapsed)
+                log(f"batch {batch}: repeat {r + 1}/{repeats} done")
+            for (spec, runtime), values in samples.items():
+                steps = plan(parse_schedule(spec), cfg.depth, grid)
+                macs = model_macs(cfg, grid, steps, PetConfig("full"), 1000)
+                ms = statistics.median(values) * 1000 / batch
+                row = {
+                    "backbone": backbone, "img_size": size, "schedule": parse_schedule(spec).spec, "runtime": runtime,
+                    "batch_size": batch, "precision": precision, "device": device, "threads": threads,
+                    "ms_per_image": ms, "ms_per_image_range": [min(values) * 1000 / batch, max(values) * 1000 / batch],
+                    "images_per_s": 1000 / ms, "gmacs": macs / 1e9,
+                }  # fmt: skip
+                if runtime == "torch" and merge_share.get(spec) and spec != "none":
+                    row["merge_share_of_time"] = statistics.median(merge_share[spec])
+                rows.append(row)
+    for row in rows:
+        base = next(r for r in rows if r["schedule"] == "none" and r["runtime"] == row["runtime"]
+                    and r["batch_size"] == row["batch_size"])  # fmt: skip
+        row["speedup"] = base["ms_per_image"] / row["ms_per_image"]
+        row["ideal_speedup"] = base["gmacs"] / row["gmacs"]
+        row["measured_over_ideal"] = row["speedup"] / row["ideal_speedup"]
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    header = (
+        "| schedule | runtime | batch | ms/image (median) | range | img/s | speedup | GMACs | ideal | measured/ideal |"
+    )
+    lines = [header + " merge share |", "|---" * 11 + "|"]
+    for r in sorted(rows, key=lambda r: (r["runtime"], r["batch_size"], -r["gmacs"])):
+        lo, hi = r["ms_per_image_range"]
+        share = f"{100 * r['merge_share_of_time']:.1f}%" if "merge_share_of_time" in r else "-"
+        lines.append(
+            f"| `{r['schedule']}` | {r['runtime']} | {r['batch_size']} | {r['ms_per_image']:.2f} | {lo:.2f}-{hi:.2f} | "
+            f"{r['images_per_s']:.1f} | {r['speedup']:.2f}x | {r['gmacs']:.2f} | {r['ideal_speedup']:.2f}x | "
+            f"{r['measured_over_ideal']:.2f} | {share} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], folder: Path) -> list[Path]:
+    """speedup_by_batch.png (one panel per runtime) and measured_vs_ideal.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runtimes = sorted({r["runtime"] for r in rows})
+    fig, axes = plt.subplots(1, len(runtimes), figsize=(5 * len(runtimes), 4), squeeze=False)
+    for ax, runtime in zip(axes[0], runtimes, strict=True):
+        for spec in dict.fromkeys(r["schedule"] for r in rows):
+            points = sorted(
+                (r["batch_size"], r["speedup"]) for r in rows if r["runtime"] == runtime and r["schedule"] == spec
+            )
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=spec)
+        ax.set_xscale("log", base=2)
+        ax.set_title(runtime)
+        ax.set_xlabel("batch size")
+        ax.set_ylabel("speedup over none")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(f"{rows[0]['backbone']} at {rows[0]['img_size']} px, {rows[0]['device']} {rows[0]['precision']}")
+    fig.tight_layout()
+    paths = [folder / "speedup_by_batch.png", folder / "measured_vs_ideal.png"]
+    fig.savefig(paths[0], dpi=110)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(5, 5))
+    for runtime in runtimes:
+        sub = [r for r in rows if r["runtime"] == runtime and r["schedule"] != "none"]
+        ax.scatter([r["ideal_speedup"] for r in sub], [r["speedup"] for r in sub], label=runtime)
+    top = max(max(r["ideal_speedup"], r["speedup"]) for r in rows) * 1.05
+    ax.plot([1, top], [1, top], color="grey", linestyle="--", label="ideal (GMACs)")
+    ax.set_xlabel("ideal speedup (GMACs)")
+    ax.set_ylabel("measured speedup")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(paths[1], dpi=110)
+    plt.close(fig)
+    return paths
