@@ -24,7 +24,7 @@ from fpet.pet import PetConfig
 from fpet.schedule import parse_schedule, plan
 from fpet.vit import create_model
 
-RUNTIMES = ("torch", "onnx", "torchscript")
+RUNTIMES = ("torch", "onnx", "torchscript")  # also "onnx-tensorrt" where onnxruntime has TensorRT
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -73,7 +73,7 @@ def make_runner(model, runtime: str, example: torch.Tensor, folder: Path, device
             sync()
 
         return run_ts
-    if runtime == "onnx":
+    if runtime in ("onnx", "onnx-tensorrt"):
         import onnxruntime as ort
 
         from export.exporter import export_onnx
