@@ -135,7 +135,7 @@ def bench_model(
             runners, timers = {}, {}
             for spec, model in models.items():
                 for runtime in runtimes:
-                    if runtime == "onnx" and precision == "bf16":
+                    if runtime.startswith("onnx") and precision == "bf16":
                         continue  # onnxruntime has no bf16 kernels for these ops
                     instance = copy.deepcopy(model) if runtime == "torch" else model
                     if runtime == "torch":
