@@ -183,6 +183,7 @@ def test_prometheus_scrapes_the_service_and_records_the_speedup(tiny_bundles, tm
             else:
                 time.sleep(1)
         assert speedup is not None and speedup > 0
+        print(f"\nfpet:speedup_compute read from Prometheus: {speedup:.3f}")
         theoretical = httpx.get(
             f"http://127.0.0.1:{port}/api/v1/query", params={"query": "fpet:speedup_theoretical"}
         ).json()
