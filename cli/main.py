@@ -194,24 +194,28 @@ def add_export_parser(sub: argparse._SubParsersAction) -> None:
 
 def cmd_bench_train(args: argparse.Namespace) -> None:
     from bench.train import bench_train, markdown
-    from fpet.atomic import write_atomic, write_json_atomic
 
     rows = bench_train(
         args.backbone, args.img_size, args.methods.split(","), args.schedules.split(","), batch_size=args.batch_size,
         steps=args.steps, warmup=args.warmup, repeats=args.repeats, threads=args.threads,
         log=lambda message: print(message, file=sys.stderr),
     )  # fmt: skip
-    out = Path(args.out)
-    table = markdown(rows)
-    write_json_atomic(out / "train_results.json", rows)
-    write_atomic(out / "train_results.md", lambda tmp: tmp.write_text(table))
-    print(table, end="")
+    write_results(args.out, "train_results", rows, markdown(rows))
     print("(random weights: speed and memory do not depend on them)")
+
+
+def write_results(out: str, stem: str, rows: list[dict], table: str) -> None:
+    """`<stem>.json` and `<stem>.md` in `out`, atomically; the table to stdout."""
+    from fpet.atomic import write_atomic, write_json_atomic
+
+    folder = Path(out)
+    write_json_atomic(folder / f"{stem}.json", rows)
+    write_atomic(folder / f"{stem}.md", lambda tmp: tmp.write_text(table))
+    print(table, end="")
 
 
 def cmd_bench_model(args: argparse.Namespace) -> None:
     from bench.model import bench_model, markdown, plot
-    from fpet.atomic import write_atomic, write_json_atomic
 
     rows = bench_model(
         args.backbone, args.img_size, args.schedules.split(","), args.runtimes.split(","),
@@ -219,19 +223,14 @@ def cmd_bench_model(args: argparse.Namespace) -> None:
         precision=args.precision, repeats=args.repeats, min_seconds=args.min_seconds,
         log=lambda message: print(message, file=sys.stderr),
     )  # fmt: skip
-    out = Path(args.out)
-    table = markdown(rows)
-    write_json_atomic(out / "results.json", rows)
-    write_atomic(out / "results.md", lambda tmp: tmp.write_text(table))
-    plots = plot(rows, out)
-    print(table, end="")
-    print(f"random weights (speed does not depend on them); wrote {out / 'results.json'}, results.md, "
+    write_results(args.out, "results", rows, markdown(rows))
+    plots = plot(rows, Path(args.out))
+    print(f"random weights (speed does not depend on them); wrote {Path(args.out) / 'results.json'}, results.md, "
           f"{', '.join(p.name for p in plots)}")  # fmt: skip
 
 
 def cmd_bench_onnx(args: argparse.Namespace) -> None:
     from bench.onnx_runtime import bench_bundles, markdown
-    from fpet.atomic import write_atomic, write_json_atomic
 
     if args.bundle:
         bundles = [Path(b) for b in args.bundle]
@@ -242,11 +241,7 @@ def cmd_bench_onnx(args: argparse.Namespace) -> None:
     rows = bench_bundles(
         bundles, [int(b) for b in args.batch_sizes.split(",")], repeats=args.repeats, threads=args.threads
     )
-    out = Path(args.out)
-    table = markdown(rows)
-    write_json_atomic(out / "onnx_results.json", rows)
-    write_atomic(out / "onnx_results.md", lambda tmp: tmp.write_text(table))
-    print(table, end="")
+    write_results(args.out, "onnx_results", rows, markdown(rows))
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -283,7 +278,6 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
 
 def cmd_bench_http(args: argparse.Namespace) -> None:
     from bench.http import bench_http, markdown
-    from fpet.atomic import write_atomic, write_json_atomic
 
     images = [Path(p) for p in args.image] if args.image else sorted(Path("samples").glob("*.png"))
     if not images:
@@ -292,11 +286,7 @@ def cmd_bench_http(args: argparse.Namespace) -> None:
         raise FpetError("no images: pass --image PATH (repeat) or run from the repository root (samples/*.png)")
     rows = bench_http(args.url.rstrip("/"), images, [int(c) for c in args.concurrency.split(",")], args.requests,
                       args.models.split(","))  # fmt: skip
-    out = Path(args.out)
-    table = markdown(rows)
-    write_json_atomic(out / "http_results.json", rows)
-    write_atomic(out / "http_results.md", lambda tmp: tmp.write_text(table))
-    print(table, end="")
+    write_results(args.out, "http_results", rows, markdown(rows))
 
 
 def add_bench_parser(sub: argparse._SubParsersAction) -> None:
