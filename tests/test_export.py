@@ -133,7 +133,7 @@ def test_checksum_mismatch_is_refused(tmp_path):
     save_file(create_model("vit_tiny_patch16_224", num_classes=0, img_size=64).state_dict(), weights)
     run = make_run(tmp_path / "run")
     config = json.loads((run / "config.json").read_text())
-    config["backbone"].update(weights=str(weights), sha256="0" * 64)
+    config["backbone"].update(weights=str(weights), tensors_sha256="0" * 64)
     (run / "config.json").write_text(json.dumps(config))
     with pytest.raises(FpetError, match="refusing to combine"):
         export_bundle(run, tmp_path / "b", **quiet)

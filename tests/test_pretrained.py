@@ -9,7 +9,7 @@ import torch
 from fpet.errors import FpetError
 from fpet.pretrained import PARITY_TOLERANCE, fetch
 from fpet.vit import create_model
-from fpet.weights import load_backbone, read_state_dict, sha256_file
+from fpet.weights import load_backbone, read_state_dict, sha256_file, tensors_sha256
 from tests.conftest import run_fpet
 
 pytestmark = pytest.mark.network
@@ -21,6 +21,7 @@ def test_fetch_prints_the_path_and_records_a_verified_checksum(fetched):
     assert done.stdout.strip() == str(path)
     record = json.loads((home / "dinov2_vits14.json").read_text())
     assert record["sha256"] == sha256_file(path)
+    assert record["tensors_sha256"] == tensors_sha256(read_state_dict(path))
     assert record["parity_max_abs_error"] < PARITY_TOLERANCE
     assert record["tensors"] == 174
     assert not [p.name for p in home.iterdir() if p.name.startswith(".")]  # no temporary file left behind

@@ -164,3 +164,15 @@ def test_any_input_size_divisible_by_the_patch(images):
         model(torch.randn(1, 3, 30, 32))
     with pytest.raises(FpetError, match="multiple of the patch size"):
         create_model(TINY, img_size=30)
+
+
+def test_weights_digest_depends_on_the_tensors_not_the_file(tmp_path):
+    from fpet.weights import sha256_file, tensors_sha256
+
+    sd = create_model(TINY).state_dict()
+    save_file(sd, tmp_path / "a.safetensors", metadata={"x": "1", "y": "2"})
+    torch.save(sd, tmp_path / "b.pth")
+    digests = {tensors_sha256(read_state_dict(tmp_path / name)) for name in ("a.safetensors", "b.pth")}
+    assert len(digests) == 1 and sha256_file(tmp_path / "a.safetensors") != sha256_file(tmp_path / "b.pth")
+    sd["norm.bias"] = sd["norm.bias"] + 1e-3
+    assert tensors_sha256(sd) not in digests

@@ -19,7 +19,7 @@ from fpet.errors import FpetError
 from fpet.pet import PetConfig, load_trainable_state_dict, trainable_state_dict
 from fpet.pretrained import REGISTRY, cached, weights_path
 from fpet.vit import VisionTransformer
-from fpet.weights import load_backbone, read_state_dict, sha256_file
+from fpet.weights import load_backbone, read_state_dict, tensors_sha256
 
 FORMAT_VERSION = 1
 ADAPTERS, CONFIG, METRICS, LABELS, RESUME = (
@@ -31,19 +31,26 @@ ADAPTERS, CONFIG, METRICS, LABELS, RESUME = (
 )
 
 
-def resolve_weights(weights: str) -> tuple[Path | None, str | None]:
-    """A registry name (from the cache), a file path, or `random`; returns the file and its sha256."""
+def resolve_weights(weights: str) -> Path | None:
+    """A registry name (from the cache), a file path, or `random` (None)."""
     if weights == "random":
-        return None, None
+        return None
     if weights in REGISTRY:
-        info = cached(weights)
-        if info is None:
+        if cached(weights) is None:
             raise FpetError(f"pretrained weights {weights!r} are not fetched yet: run `fpet weights fetch {weights}`")
-        return weights_path(weights), info["sha256"]
+        return weights_path(weights)
     path = Path(weights).expanduser()
     if not path.is_file():
         raise FpetError(f"weights {weights!r} are neither a known name ({', '.join(REGISTRY)}), a file, nor 'random'")
-    return path, sha256_file(path)
+    return path
+
+
+def read_weights(path: Path | None) -> tuple[dict | None, str | None]:
+    """The backbone tensors and their content digest (None, None for random weights)."""
+    if path is None:
+        return None, None
+    tensors = read_state_dict(path)
+    return tensors, tensors_sha256(tensors)
 
 
 def software_versions() -> dict:
@@ -106,15 +113,16 @@ def load_run(
     if schedule is not None:
         config = {**config, "schedule": schedule}
     backbone = config["backbone"]
-    path, sha = resolve_weights(weights or backbone["weights"])
-    if sha != backbone["sha256"]:
+    path = resolve_weights(weights or backbone["weights"])
+    tensors, digest = read_weights(path)
+    if digest != backbone["tensors_sha256"]:
         raise FpetError(
-            f"backbone weights {path} have sha256 {str(sha)[:16]}..., but {run_dir} was trained on "
-            f"{str(backbone['sha256'])[:16]}...: refusing to combine them"
+            f"backbone weights {path} have tensors sha256 {str(digest)[:16]}..., but {run_dir} was trained on "
+            f"{str(backbone['tensors_sha256'])[:16]}...: refusing to combine them"
         )
     model = build_model(config)
-    if path is not None:
-        load_backbone(model, read_state_dict(path))
+    if tensors is not None:
+        load_backbone(model, tensors)
     tensors = load_file(str(run_dir / ADAPTERS))
     if schedule is not None:
         wanted = {name for name, p in model.named_parameters() if p.requires_grad}

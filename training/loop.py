@@ -21,7 +21,7 @@ from fpet.errors import FpetError
 from fpet.pet import PetConfig, load_trainable_state_dict, trainable_state_dict
 from fpet.pretrained import REGISTRY
 from fpet.schedule import parse_schedule, plan
-from fpet.weights import load_backbone, read_state_dict
+from fpet.weights import load_backbone
 from training import checkpoint
 from training.config import TrainConfig
 from training.data import ImageSet, Preprocessing, open_split, split_train_val
@@ -101,7 +101,7 @@ def _architecture(cfg: TrainConfig) -> str:
 def _run_config(cfg: TrainConfig, arch: str, sha: str | None, pet: PetConfig, pre: Preprocessing, classes: list[str]):
     return {
         "format_version": checkpoint.FORMAT_VERSION,
-        "backbone": {"name": arch, "weights": cfg.weights, "sha256": sha, "arch": asdict(get_config(arch))},
+        "backbone": {"name": arch, "weights": cfg.weights, "tensors_sha256": sha, "arch": asdict(get_config(arch))},
         "method": pet.method,
         "pet": asdict(pet),
         "schedule": parse_schedule(cfg.schedule).spec,
@@ -126,7 +126,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
         raise FpetError(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
     if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.eval_every < 1:
         raise FpetError("--epochs, --batch-size and --eval-every must be at least 1")
-    weights_file, sha = checkpoint.resolve_weights(cfg.weights)
+    weights_file = checkpoint.resolve_weights(cfg.weights)
 
     rank, world = setup_distributed(device)
     say = log if rank == 0 else (lambda _msg: None)
@@ -145,11 +145,12 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
         + (f"; skipped {skipped} unreadable images" if skipped else "")
     )
 
-    run_config = _run_config(cfg, arch, sha, pet, pre, pool.classes)
+    backbone_tensors, digest = checkpoint.read_weights(weights_file)
+    run_config = _run_config(cfg, arch, digest, pet, pre, pool.classes)
     torch.manual_seed(cfg.seed)
     model = checkpoint.build_model(run_config, cfg.drop_path)
-    if weights_file is not None:
-        load_backbone(model, read_state_dict(weights_file))
+    if backbone_tensors is not None:
+        load_backbone(model, backbone_tensors)
     model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
