@@ -69,7 +69,7 @@ def test_same_answer_as_pytorch_through_the_same_preprocessing(client, tiny_bund
     png = encode(image, "PNG")
     pre = Preprocessing.from_dict(config["preprocessing"])
     with torch.no_grad():
-        logits = model(pre.to_input(torch.from_numpy(pre.resize_image(image))[None]))[0]
+        logits = model(pre.to_input(torch.from_numpy(pre.resize_image(image).copy())[None]))[0]
     expected = torch.softmax(logits, -1).numpy()
     body = client.post("/classify", content=png, headers={"Content-Type": "image/png"}).json()
     for p in body["predictions"]:
