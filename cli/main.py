@@ -101,7 +101,9 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="run folder to create")
     p.add_argument("--data-format", default=d.data_format, choices=["auto", "folder", "vtab", "fashion-mnist"])
     p.add_argument(
-        "--weights", default=d.weights, help="pretrained name (fpet weights list), a weights file, or 'random'"
+        "--weights",
+        default=d.weights,
+        help="pretrained name (fpet weights list), a weights file, timm:NAME, or 'random'",
     )
     p.add_argument("--backbone", default=d.backbone, help="architecture; default: the pretrained weights' own")
     p.add_argument("--method", default=d.method, help="linear, full, adaptformer, lora, adaptformer-1bit, lora-1bit")

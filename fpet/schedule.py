@@ -45,14 +45,6 @@ class MergeSchedule:
     def __str__(self) -> str:
         return self.spec
 
-    @property
-    def is_empty(self) -> bool:
-        return not self.points
-
-    @property
-    def is_learned(self) -> bool:
-        return any(p.method == "fpet" for p in self.points)
-
     def per_block(self, depth: int) -> list[MergePoint | None]:
         """The point acting in each block, with `tome:r` expanded to every block."""
         blocks: list[MergePoint | None] = [None] * depth

@@ -176,3 +176,13 @@ def test_two_process_gloo_training(data, tmp_path):
     assert metrics["world_size"] == 2 and len(metrics["history"]) == 2
     model, _ = checkpoint.load_run(out)
     assert set(load_file(out / "adapters.safetensors")) == {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_timm_weights_without_timm_are_a_clear_error():
+    try:
+        import timm  # noqa: F401
+    except ImportError:
+        with pytest.raises(FpetError, match=r"needs timm: pip install 'fpet\[timm\]'"):
+            checkpoint.read_weights(checkpoint.resolve_weights("timm:vit_small_patch16_224.augreg_in21k"))
+    else:
+        pytest.skip("timm is installed here")

@@ -19,7 +19,7 @@ from fpet.errors import FpetError
 from fpet.pet import PetConfig, load_trainable_state_dict, trainable_state_dict
 from fpet.pretrained import REGISTRY, cached, weights_path
 from fpet.vit import VisionTransformer
-from fpet.weights import load_backbone, read_state_dict, tensors_sha256
+from fpet.weights import load_backbone, load_timm_weights, read_state_dict, tensors_sha256
 
 FORMAT_VERSION = 1
 ADAPTERS, CONFIG, METRICS, LABELS, RESUME = (
@@ -31,10 +31,12 @@ ADAPTERS, CONFIG, METRICS, LABELS, RESUME = (
 )
 
 
-def resolve_weights(weights: str) -> Path | None:
-    """A registry name (from the cache), a file path, or `random` (None)."""
+def resolve_weights(weights: str) -> Path | str | None:
+    """A registry name (from the cache), a file path, `timm:NAME` (needs the timm extra), or `random` (None)."""
     if weights == "random":
         return None
+    if weights.startswith("timm:"):
+        return weights
     if weights in REGISTRY:
         if cached(weights) is None:
             raise FpetError(f"pretrained weights {weights!r} are not fetched yet: run `fpet weights fetch {weights}`")
@@ -45,11 +47,11 @@ def resolve_weights(weights: str) -> Path | None:
     return path
 
 
-def read_weights(path: Path | None) -> tuple[dict | None, str | None]:
+def read_weights(source: Path | str | None) -> tuple[dict | None, str | None]:
     """The backbone tensors and their content digest (None, None for random weights)."""
-    if path is None:
+    if source is None:
         return None, None
-    tensors = read_state_dict(path)
+    tensors = load_timm_weights(source.removeprefix("timm:")) if isinstance(source, str) else read_state_dict(source)
     return tensors, tensors_sha256(tensors)
 
 
