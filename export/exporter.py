@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -24,11 +25,10 @@ import torch
 from export.bundle import BUNDLE_FORMAT, FORMATS, LABELS, MANIFEST, PRECISIONS, VARIANTS, is_bundle
 from export.verify import THRESHOLDS, verification_pixels, verify_formats
 from fpet.atomic import current_umask, write_json_atomic
-from fpet.config import grid_size
 from fpet.cost import model_macs
 from fpet.errors import FpetError
 from fpet.pet import PetConfig
-from fpet.schedule import parse_schedule, plan, tokens_per_block
+from fpet.schedule import tokens_per_block
 from fpet.vit import VisionTransformer
 from fpet.weights import sha256_file
 from training.checkpoint import ADAPTERS, CONFIG, METRICS, load_run
@@ -113,8 +113,7 @@ RUNNERS = {"onnx": onnx_runner, "torchscript": torchscript_runner}
 def deployed_gmacs(model: VisionTransformer) -> float:
     """MACs of the deployment form: folded LoRA costs nothing extra, adapters still run."""
     pet = model.pet if model.pet.base != "lora" else PetConfig("full")
-    steps = plan(model.schedule, model.cfg.depth, model.grid)
-    return model_macs(model.cfg, model.grid, steps, pet, model.num_classes) / 1e9
+    return model_macs(model.cfg, model.grid, list(model.merge_plan()), pet, model.num_classes) / 1e9
 
 
 def check_destination(out: Path) -> None:
@@ -209,12 +208,8 @@ def build_manifest(
     import onnxruntime
 
     size = config["preprocessing"]["img_size"]
-    grid = grid_size(size, model.cfg.patch_size)
-    steps = plan(parse_schedule(model.schedule), model.cfg.depth, grid)
     metrics = {}
     if (run_dir / METRICS).exists():
-        import json
-
         full = json.loads((run_dir / METRICS).read_text())
         metrics = {k: full[k] for k in ("eval_split", "val", "test") if k in full}
     checksum = run_checksum(run_dir)
@@ -226,7 +221,7 @@ def build_manifest(
         "backbone": {k: config["backbone"][k] for k in ("name", "weights", "tensors_sha256")},
         "method": config["method"],
         "schedule": model.schedule.spec,
-        "tokens_per_block": tokens_per_block(steps, grid),
+        "tokens_per_block": tokens_per_block(list(model.merge_plan()), model.grid),
         "gmacs": round(deployed_gmacs(model), 4),
         "input": {
             "name": INPUT_NAME,
