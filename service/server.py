@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import signal
+import sys
 import tempfile
 
 from service.settings import Settings
@@ -26,6 +28,8 @@ def serve(overrides: dict) -> None:
         shutil.rmtree(folder, ignore_errors=True)  # stale files from an earlier run would be summed in
         os.makedirs(folder)
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = folder
+    # uvicorn re-raises the SIGTERM it drained on; exiting 0 then tells Docker and Kubernetes the stop was clean.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
     print(
         f"serving on http://{settings.host}:{settings.port} (docs at /docs); ready once /readyz answers 200", flush=True
     )

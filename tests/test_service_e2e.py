@@ -121,8 +121,7 @@ def test_sigterm_drains_every_accepted_request(tiny_bundles, tmp_path):
         time.sleep(1.0)
         process.send_signal(signal.SIGTERM)
         concurrent.futures.wait(futures)
-    # uvicorn re-raises the SIGTERM it captured once it has shut down cleanly, so the exit status is -SIGTERM
-    assert process.wait(timeout=60) in (0, -signal.SIGTERM)
+    assert process.wait(timeout=60) == 0  # a clean drain exits 0 (uvicorn re-raises the signal; fpet serve exits)
     log = "".join(p.read_text() for p in tmp_path.glob("serve-*.log"))
     assert "Application shutdown complete" in log
     assert outcomes.count(200) > 10
