@@ -253,6 +253,25 @@ def cmd_serve(args: argparse.Namespace) -> None:
     serve(overrides)
 
 
+def cmd_pull(args: argparse.Namespace) -> None:
+    from export.pull import pull_bundles
+
+    pull_bundles(args.uri, args.dest, sha256=args.sha256, timeout=args.timeout, log=print)
+
+
+def add_pull_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "pull",
+        help="fetch bundles from a URI into a folder (a Kubernetes initContainer; KServe storage-initializer style)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("uri", help="http(s):// or file:// URL, or a path: a .tar.gz/.tgz/.tar/.zip archive, or a folder")
+    p.add_argument("dest", help="folder to fill: each bundle found lands in DEST/<its folder name>")
+    p.add_argument("--sha256", help="expected sha256 of the archive (refused if it differs)")
+    p.add_argument("--timeout", type=float, default=300.0, help="network timeout in seconds")
+    p.set_defaults(func=cmd_pull)
+
+
 def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "serve",
@@ -371,6 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_parser(sub)
     add_export_parser(sub)
     add_serve_parser(sub)
+    add_pull_parser(sub)
     add_bench_parser(sub)
 
     weights = sub.add_parser("weights", help="pretrained backbones that work offline").add_subparsers(
