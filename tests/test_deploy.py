@@ -89,31 +89,192 @@ def test_dockerfile_conventions():
     assert not [line for line in requirements if line.startswith("torch")]
 
 
-def k8s_documents() -> dict:
-    docs = {}
-    for path in sorted((ROOT / "deploy" / "k8s").glob("*.yaml")):
-        for doc in yaml.safe_load_all(path.read_text()):
-            docs[(doc["kind"], path.name)] = doc
-    return docs
+K8S = ROOT / "deploy" / "k8s"
+OVERLAYS = ("cpu", "gpu", "example-model-from-uri")
+KUBERNETES_VERSIONS = ("1.30.0", "1.37.0")  # the oldest and newest 1.3x schemas kubernetes-validate carries
+# The "restricted" Pod Security Standard (kubernetes.io/docs/concepts/security/pod-security-standards).
+RESTRICTED_VOLUMES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim",
+                      "projected", "secret"}  # fmt: skip
 
 
-def test_kubernetes_manifests_carry_probes_resources_and_grace():
-    docs = k8s_documents()
-    kustomization = docs[("Kustomization", "kustomization.yaml")]
-    assert sorted(kustomization["resources"]) == sorted(p for _, p in docs if p != "kustomization.yaml")
-    deployment = docs[("Deployment", "deployment.yaml")]["spec"]["template"]["spec"]
-    container = deployment["containers"][0]
+def render(overlay: str) -> list[dict]:
+    done = run(tool("kubectl"), "kustomize", str(K8S / "overlays" / overlay))
+    assert done.returncode == 0, done.stderr
+    return [doc for doc in yaml.safe_load_all(done.stdout) if doc]
+
+
+def one(docs: list[dict], kind: str) -> dict:
+    [doc] = [d for d in docs if d["kind"] == kind]
+    return doc
+
+
+def restricted_violations(pod: dict) -> list[str]:
+    """What keeps a pod spec from the restricted profile; empty when it meets it."""
+    found = [f"{key} is set" for key in ("hostNetwork", "hostPID", "hostIPC") if pod.get(key)]
+    found += [f"volume {v['name']} is not an allowed type" for v in pod.get("volumes", [])
+              if not set(v) - {"name"} <= RESTRICTED_VOLUMES]  # fmt: skip
+    pod_context = pod.get("securityContext", {})
+    if pod_context.get("runAsUser") == 0:
+        found.append("the pod runs as uid 0")
+    for c in pod.get("containers", []) + pod.get("initContainers", []):
+        context = {**pod_context, **c.get("securityContext", {})}
+        name = c["name"]
+        if context.get("privileged"):
+            found.append(f"{name} is privileged")
+        if context.get("allowPrivilegeEscalation") is not False:
+            found.append(f"{name} does not forbid privilege escalation")
+        if "ALL" not in context.get("capabilities", {}).get("drop", []):
+            found.append(f"{name} does not drop ALL capabilities")
+        if set(context.get("capabilities", {}).get("add", [])) - {"NET_BIND_SERVICE"}:
+            found.append(f"{name} adds capabilities")
+        if context.get("runAsNonRoot") is not True or context.get("runAsUser") == 0:
+            found.append(f"{name} may run as root")
+        if context.get("seccompProfile", {}).get("type") not in ("RuntimeDefault", "Localhost"):
+            found.append(f"{name} has no RuntimeDefault or Localhost seccomp profile")
+        if any(port.get("hostPort") for port in c.get("ports", [])):
+            found.append(f"{name} uses a host port")
+    return found
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_overlays_render_objects_that_validate_against_the_kubernetes_schemas(overlay):
+    import kubernetes_validate
+
+    docs = render(overlay)
+    kinds = {d["kind"] for d in docs}
+    assert kinds >= {"Namespace", "Deployment", "Service", "PodDisruptionBudget", "HorizontalPodAutoscaler",
+                     "PodMonitor", "PrometheusRule"}, kinds  # fmt: skip
+    for doc in docs:
+        if doc["apiVersion"].startswith("monitoring.coreos.com/"):
+            continue  # CRDs: no schema ships with kubernetes-validate; checked field by field below
+        for version in KUBERNETES_VERSIONS:
+            kubernetes_validate.validate(doc, version, strict=True)
+
+
+def test_strict_validation_refuses_the_old_flow_mapping_env():
+    import kubernetes_validate
+
+    deployment = one(render("cpu"), "Deployment")
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    container["env"].append(yaml.safe_load("{name: FPET_BUNDLES, value: /models/fpet,/models/backbone}"))
+    with pytest.raises(kubernetes_validate.ValidationError, match="/models/backbone"):
+        kubernetes_validate.validate(deployment, KUBERNETES_VERSIONS[-1], strict=True)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_pods_meet_the_restricted_pod_security_standard(overlay):
+    docs = render(overlay)
+    pod = one(docs, "Deployment")["spec"]["template"]["spec"]
+    assert restricted_violations(pod) == []
+    container = pod["containers"][0]
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    writable = {m["mountPath"] for m in container["volumeMounts"] if not m.get("readOnly")}
+    assert writable == {"/tmp"}  # the only place the service writes
+    assert one(docs, "Namespace")["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
+    # The checker itself finds what breaks the profile.
+    broken = {**pod, "volumes": [*pod["volumes"], {"name": "host", "hostPath": {"path": "/"}}],
+              "containers": [{**container, "securityContext": {"allowPrivilegeEscalation": True}}]}  # fmt: skip
+    assert len(restricted_violations(broken)) == 3
+
+
+@pytest.mark.parametrize("overlay", ["cpu", "gpu"])
+def test_deployments_carry_image_probes_resources_and_grace(overlay):
+    docs = render(overlay)
+    pod = one(docs, "Deployment")["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert container["image"] == f"fpet:{overlay}"
+    assert env["FPET_BUNDLES"] == "/models/fpet,/models/backbone"  # from the image: no volume to fill by hand
     assert container["startupProbe"]["httpGet"]["path"] == "/readyz"
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
-    assert {"cpu", "memory"} <= set(container["resources"]["requests"]) and container["resources"]["limits"]
-    drain = next(float(e["value"]) for e in container["env"] if e["name"] == "FPET_DRAIN_TIMEOUT_S")
-    assert deployment["terminationGracePeriodSeconds"] > drain + 5
-    hpa = docs[("HorizontalPodAutoscaler", "hpa.yaml")]["spec"]
+    resources = container["resources"]
+    assert {"cpu", "memory"} <= set(resources["requests"]) and resources["limits"]["memory"]
+    assert pod["terminationGracePeriodSeconds"] > float(env["FPET_DRAIN_TIMEOUT_S"]) + 5
+    if overlay == "gpu":
+        assert resources["limits"]["nvidia.com/gpu"] == 1
+        assert env["FPET_PROVIDERS"] == "cuda" and env["FPET_ALLOW_CPU_FALLBACK"] == "false"
+    else:
+        assert "nvidia.com/gpu" not in resources["limits"] and env["FPET_PROVIDERS"] == "cpu"
+        assert env["FPET_THREADS"] == resources["limits"]["cpu"]
+    labels = one(docs, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    for kind in ("Service", "PodDisruptionBudget"):
+        spec = one(docs, kind)["spec"]
+        selector = spec["selector"].get("matchLabels", spec["selector"])
+        assert selector.items() <= labels.items(), kind
+    hpa = one(docs, "HorizontalPodAutoscaler")["spec"]
+    assert hpa["scaleTargetRef"]["name"] == one(docs, "Deployment")["metadata"]["name"]
     assert hpa["metrics"][0]["pods"]["metric"]["name"] == "fpet_queue_images"
-    adapter = yaml.safe_load(docs[("ConfigMap", "prometheus-adapter-rules.yaml")]["data"]["config.yaml"])
-    assert adapter["rules"][0]["name"]["as"] == "fpet_queue_images"
-    assert docs[("PodMonitor", "podmonitor.yaml")]["spec"]["podMetricsEndpoints"][0]["path"] == "/metrics"
+    assert one(docs, "PodDisruptionBudget")["spec"]["minAvailable"] < hpa["minReplicas"]
+
+
+def test_podmonitor_gives_the_job_label_the_dashboard_queries():
+    docs = render("cpu")
+    monitor = one(docs, "PodMonitor")
+    pod = one(docs, "Deployment")["spec"]["template"]
+    spec = monitor["spec"]
+    assert spec["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    ports = {p["name"] for c in pod["spec"]["containers"] for p in c["ports"]}
+    assert spec["podMetricsEndpoints"] and all(e["port"] in ports for e in spec["podMetricsEndpoints"])
+    assert spec["podMetricsEndpoints"][0]["path"] == "/metrics"
+    job = pod["metadata"]["labels"][spec["jobLabel"]]  # the Operator sets job to this pod label's value
+    dashboard = (ROOT / "deploy" / "grafana" / "dashboards" / "fpet.json").read_text()
+    queried = set(re.findall(r'job=\\"([^"\\]+)\\"', dashboard))
+    compose_job = yaml.safe_load((PROM / "prometheus.yml").read_text())["scrape_configs"][0]["job_name"]
+    assert queried == {job} == {compose_job}
+
+
+def test_prometheusrule_holds_the_compose_rules_and_promtool_accepts_it(tmp_path):
+    sys.path.insert(0, str(K8S))
+    try:
+        import prometheusrule
+    finally:
+        sys.path.remove(str(K8S))
+    assert (K8S / "base" / "prometheusrule.yaml").read_text() == prometheusrule.render(), (
+        "stale: run python deploy/k8s/prometheusrule.py"
+    )
+    rule = one(render("gpu"), "PrometheusRule")
+    assert rule["metadata"]["namespace"] == "fpet" and rule["spec"]["groups"]
+    for group in rule["spec"]["groups"]:
+        assert group["name"] and group["rules"]
+        for r in group["rules"]:
+            assert ("record" in r) != ("alert" in r) and r["expr"], r
+    shipped = [r for path in ("rules.yml", "alerts.yml") for g in yaml.safe_load((PROM / path).read_text())["groups"]
+               for r in g["rules"]]  # fmt: skip
+    assert [r.get("record") or r["alert"] for g in rule["spec"]["groups"] for r in g["rules"]] == [
+        r.get("record") or r["alert"] for r in shipped
+    ]
+    rules_file = tmp_path / "rules.yml"
+    rules_file.write_text(yaml.safe_dump({"groups": rule["spec"]["groups"]}))
+    done = run(tool("promtool"), "check", "rules", str(rules_file))
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_prometheus_adapter_values_expose_the_hpa_metric():
+    values = yaml.safe_load((K8S / "prometheus-adapter-values.yaml").read_text())
+    assert values["prometheus"]["url"].startswith("http") and values["prometheus"]["port"]
+    [rule] = values["rules"]["custom"]
+    metric = one(render("cpu"), "HorizontalPodAutoscaler")["spec"]["metrics"][0]["pods"]["metric"]["name"]
+    assert rule["name"]["as"] == metric and metric in rule["seriesQuery"]
+    assert {k: v["resource"] for k, v in rule["resources"]["overrides"].items()} == {"namespace": "namespace",
+                                                                                     "pod": "pod"}  # fmt: skip
+    assert "<<.Series>>" in rule["metricsQuery"] and "<<.GroupBy>>" in rule["metricsQuery"]
+
+
+def test_model_from_uri_fills_an_empty_dir_the_service_reads():
+    docs = render("example-model-from-uri")
+    pod = one(docs, "Deployment")["spec"]["template"]["spec"]
+    [init] = pod["initContainers"]
+    assert init["image"] == pod["containers"][0]["image"] == "fpet:cpu"
+    assert init["command"][:4] == ["fpet", "pull", "$(FPET_MODEL_URI)", "/models"]
+    config = one(docs, "ConfigMap")
+    refs = {e["valueFrom"]["configMapKeyRef"]["name"] for e in init["env"]}
+    assert refs == {config["metadata"]["name"]} and {"uri", "sha256"} <= set(config["data"])
+    volume = next(v for v in pod["volumes"] if v["name"] == "models")
+    assert "emptyDir" in volume
+    mounts = {m["name"]: m for m in pod["containers"][0]["volumeMounts"]}
+    assert mounts["models"]["mountPath"] == "/models" and mounts["models"]["readOnly"] is True
+    assert {m["mountPath"] for m in init["volumeMounts"]} == {"/models", "/tmp"}
 
 
 PROMQL_WORDS = {"sum", "rate", "increase", "histogram_quantile", "max", "min", "avg", "by", "without", "on",
