@@ -87,6 +87,11 @@ def test_dockerfile_conventions():
     assert re.findall(r'^CMD \["fpet", "serve"\]$', text, re.M)  # exec form: SIGTERM reaches uvicorn
     requirements = (ROOT / "deploy" / "requirements-serve.txt").read_text().splitlines()
     assert not [line for line in requirements if line.startswith("torch")]
+    # Self-contained: both targets carry the bundles exported in the build, whose torch is the CPU build by default.
+    assert text.count("COPY --from=bundles /bundles /models") == 2
+    assert "ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu" in text
+    ignored = set((ROOT / ".dockerignore").read_text().split())
+    assert {"runs", ".venv", "bench-results", ".git"} <= ignored and "models" not in ignored
 
 
 K8S = ROOT / "deploy" / "k8s"

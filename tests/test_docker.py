@@ -2,8 +2,9 @@
 of the repository, `docker compose up` with nothing prepared on the host, Prometheus reading the speedup from the
 containers, a drain on `docker compose stop`, and the GPU image on a host without a GPU.
 
-The engine comes from `../shared/tools/docker-sandbox.sh` (Debian's dockerd with stand-in base images, since no
-registry is reachable). Select these tests alone with `pytest -m docker -s` (`-s` prints sizes and build times).
+The engine comes from `../shared/tools/docker-sandbox.sh` (or its copy in `.ci/`): Debian's dockerd with stand-in
+base images, since no registry is reachable. Select these tests alone with `pytest -m docker -s` (`-s` prints sizes
+and build times).
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ from tests.test_service_e2e import free_port
 pytestmark = pytest.mark.docker
 
 ROOT = Path(__file__).resolve().parents[1]
-SANDBOX_SCRIPT = ROOT.parent / "shared" / "tools" / "docker-sandbox.sh"
+SHARED_SANDBOX = ROOT.parent / "shared" / "tools" / "docker-sandbox.sh"
+SANDBOX_SCRIPT = SHARED_SANDBOX if SHARED_SANDBOX.exists() else ROOT / ".ci" / "docker-sandbox.sh"
 SANDBOX_DIR = Path(os.environ.get("SANDBOX", "/tmp/docker-sandbox"))
 COMPOSE = Path(sys.executable).parents[1] / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / \
     "site-packages" / "compose" / "docker-compose"  # fmt: skip
