@@ -9,8 +9,9 @@
 #                     CUDA wheels to run an exporter. Empty: pip's own configuration (index, find-links).
 # Neither final image contains torch: the service runs ONNX bundles, which sit in /models (mount over it to serve
 # other bundles). onnxruntime-gpu 1.20.2 (PyPI has 1.20.1 for the CPU package only) is built for CUDA 12.x with
-# cuDNN 9; the base image pins CUDA 12.6.3 and cuDNN 9 together. Where onnxruntime cannot use CUDA it falls back to the CPU: the gpu target sets
-# FPET_ALLOW_CPU_FALLBACK=false, so the service then stays not ready and fpet_execution_provider_fallback_total counts it.
+# cuDNN 9; the base image pins CUDA 12.6.3 and cuDNN 9 together. Where onnxruntime cannot use CUDA it falls back to
+# the CPU: the gpu target sets FPET_ALLOW_CPU_FALLBACK=false, so the service then stays not ready and
+# fpet_execution_provider_fallback_total counts it (run with -e FPET_ALLOW_CPU_FALLBACK=true to serve on the CPU).
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 ARG CUDA_IMAGE=nvidia/cuda:12.6.3-cudnn-runtime-ubuntu24.04
