@@ -220,7 +220,7 @@ def burst(base: str, model: str, pool: concurrent.futures.Executor, n: int = 16)
     assert [r.status_code for r in pool.map(lambda _: classify(base, model), range(n))] == [200] * n
 
 
-def test_prometheus_reads_the_speedup_and_every_dashboard_query(stack):
+def test_prometheus_reads_the_speedup_and_every_dashboard_query(compose_env, stack):
     speedup, start = None, time.monotonic()
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         while time.monotonic() - start < 240 and (speedup is None or speedup <= 1):
@@ -231,6 +231,8 @@ def test_prometheus_reads_the_speedup_and_every_dashboard_query(stack):
     REPORT.append(f"fpet:speedup_compute read from the Prometheus container: {speedup} after "
                   f"{time.monotonic() - start:.0f} s of batched traffic")  # fmt: skip
     assert speedup is not None and speedup > 1
+    memory = sh(compose_env, "docker", "stats", "--no-stream", "--format", "{{.MemUsage}}", stack["container"])
+    REPORT.append(f"service memory after the batched traffic: {memory.strip()}")
     batch = query(stack["prometheus"], "sum by (model) (rate(fpet_batch_size_sum[1m])) / sum by (model) "
                                        "(rate(fpet_batch_size_count[1m]))")["result"]  # fmt: skip
     assert {r["metric"]["model"] for r in batch if float(r["value"][1]) > 1} == {"fpet", "backbone"}, batch
