@@ -16,6 +16,7 @@ import logging
 import signal
 import time
 import uuid
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -28,8 +29,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import fpet
 from fpet.paths import default_bundle_dir
-from service import metrics
-from service.batcher import MicroBatcher
+from service import metrics, oip
+from service.batcher import MicroBatcher, Result
 from service.decode import CONTENT_TYPES, decode_image
 from service.errors import ServiceError
 from service.runtime import ModelRunner
@@ -65,6 +66,74 @@ IMAGE_BODY = {
             "application/json": {"schema": JsonRequest.model_json_schema()},
         },
     }
+}
+
+OIP_TENSOR = {
+    "type": "object",
+    "required": ["name", "shape", "datatype"],
+    "properties": {
+        "name": {"type": "string", "enum": ["image", "pixel_values"]},
+        "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}},
+        "datatype": {"type": "string", "enum": ["BYTES", "FP32", "FP16"]},
+        "parameters": {"type": "object", "properties": {"binary_data_size": {"type": "integer", "minimum": 0}}},
+        "data": {"type": "array", "description": "row-major, flat or nested; BYTES elements as base64 strings"},
+    },
+}
+OIP_BODY = {
+    "requestBody": {
+        "required": True,
+        "description": "An Open Inference Protocol request: one input, `image` (BYTES: encoded JPEG/PNG/WebP files, "
+        "shape [N] or [N, 1]) or `pixel_values` (FP32 [N, 3, S, S], preprocessed as the model metadata says); with "
+        "Triton's binary extension the JSON header is followed by the tensor bytes "
+        "(`Inference-Header-Content-Length`).",
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "required": ["inputs"],
+                    "properties": {
+                        "id": {"type": "string"},
+                        "parameters": {"type": "object"},
+                        "inputs": {"type": "array", "items": OIP_TENSOR, "minItems": 1, "maxItems": 1},
+                        "outputs": {
+                            "type": "array",
+                            "items": {
+                                "type": "object",
+                                "required": ["name"],
+                                "properties": {
+                                    "name": {"type": "string", "enum": ["probabilities", "logits"]},
+                                    "parameters": {"type": "object"},
+                                },
+                            },
+                        },
+                    },
+                }
+            },
+            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+        },
+    }
+}
+OIP_RESPONSES = {
+    **ERRORS,
+    200: {
+        "description": "outputs `probabilities` and `logits` (FP32 [N, classes]), or top-k `score:index:label` "
+        "strings (BYTES [N, k]) for an output asked with `classification: k`; binary outputs follow the JSON header",
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "required": ["model_name", "outputs"],
+                    "properties": {
+                        "model_name": {"type": "string"},
+                        "model_version": {"type": "string"},
+                        "id": {"type": "string"},
+                        "outputs": {"type": "array", "items": {"type": "object"}},
+                    },
+                }
+            },
+            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+        },
+    },
 }
 
 
@@ -331,37 +400,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def decode_all(images: list[bytes]) -> list:
         return await asyncio.to_thread(lambda: [decode_image(data, settings.max_pixels) for data in images])
 
-    async def classify_with(request: Request, model: str, top_k: int) -> ClassifyResponse:
-        start = time.perf_counter()
-        timing = request.state.timing
-        runner = runner_for(model)
+    @contextlib.contextmanager
+    def accounted(model: str, provider: str, start: float) -> Iterator[None]:
+        """Every request to a model counts once: in flight while it runs, then its code, error reason and latency."""
         metrics.IN_FLIGHT.labels(model).inc()
         code, reason = 200, None
         try:
-            check_key(request)
-            check_serving()
-            raw = await read_images(request)
-            t = time.perf_counter()
-            decoded = await decode_all(raw)
-            timing["decode"] = (time.perf_counter() - t) * 1000
-            t = time.perf_counter()
-            arrays = await asyncio.to_thread(lambda: [runner.preprocess(image) for image in decoded])
-            timing["preprocess"] = (time.perf_counter() - t) * 1000
-            results = await state.batchers[model].submit(arrays, deadline_of(request, start))
-            timing["queue"] = max(r.queue_seconds for r in results) * 1000
-            timing["inference"] = max(r.inference_seconds for r in results) * 1000
-            t = time.perf_counter()
-            per_image = [top_predictions(r.logits, runner.labels, top_k) for r in results]
-            timing["postprocess"] = (time.perf_counter() - t) * 1000
-            timing["total"] = (time.perf_counter() - start) * 1000
-            for stage in metrics.STAGES:
-                metrics.STAGE_SECONDS.labels(model, stage).observe(timing[stage] / 1000)
-            return ClassifyResponse(
-                request_id=request.state.request_id, model=model, model_version=runner.manifest["version"],
-                execution_provider=runner.provider, predictions=per_image[0],
-                results=[ImageResult(image=i, predictions=p) for i, p in enumerate(per_image)],
-                timing_ms=Timing(**timing),
-            )  # fmt: skip
+            yield
         except ServiceError as exc:
             code, reason = exc.status, exc.error_type
             raise
@@ -373,7 +418,76 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             metrics.REQUESTS.labels(model, str(code)).inc()
             if reason:
                 metrics.ERRORS.labels(model, reason).inc()
-            metrics.REQUEST_SECONDS.labels(model, runner.provider).observe(time.perf_counter() - start)
+            metrics.REQUEST_SECONDS.labels(model, provider).observe(time.perf_counter() - start)
+
+    async def prepared(request: Request, runner: ModelRunner, raw: list[bytes]) -> list[np.ndarray]:
+        """Encoded images as model inputs, decoded and preprocessed off the event loop, exactly as in training."""
+        timing = request.state.timing
+        t = time.perf_counter()
+        decoded = await decode_all(raw)
+        timing["decode"] = (time.perf_counter() - t) * 1000
+        t = time.perf_counter()
+        arrays = await asyncio.to_thread(lambda: [runner.preprocess(image) for image in decoded])
+        timing["preprocess"] = (time.perf_counter() - t) * 1000
+        return arrays
+
+    async def batched(request: Request, model: str, arrays: list[np.ndarray], start: float) -> list[Result]:
+        results = await state.batchers[model].submit(arrays, deadline_of(request, start))
+        request.state.timing["queue"] = max(r.queue_seconds for r in results) * 1000
+        request.state.timing["inference"] = max(r.inference_seconds for r in results) * 1000
+        return results
+
+    def finished(request: Request, model: str, start: float, postprocess_started: float) -> None:
+        timing = request.state.timing
+        timing["postprocess"] = (time.perf_counter() - postprocess_started) * 1000
+        timing["total"] = (time.perf_counter() - start) * 1000
+        for stage in metrics.STAGES:
+            if stage in timing:
+                metrics.STAGE_SECONDS.labels(model, stage).observe(timing[stage] / 1000)
+
+    async def classify_with(request: Request, model: str, top_k: int) -> ClassifyResponse:
+        start = time.perf_counter()
+        runner = runner_for(model)
+        with accounted(model, runner.provider, start):
+            check_key(request)
+            check_serving()
+            arrays = await prepared(request, runner, await read_images(request))
+            results = await batched(request, model, arrays, start)
+            t = time.perf_counter()
+            per_image = [top_predictions(r.logits, runner.labels, top_k) for r in results]
+            finished(request, model, start, t)
+            return ClassifyResponse(
+                request_id=request.state.request_id, model=model, model_version=runner.manifest["version"],
+                execution_provider=runner.provider, predictions=per_image[0],
+                results=[ImageResult(image=i, predictions=p) for i, p in enumerate(per_image)],
+                timing_ms=Timing(**request.state.timing),
+            )  # fmt: skip
+
+    async def infer_with(request: Request, model: str, version: str | None) -> Response:
+        """Open Inference Protocol inference: the same limits, batcher and metrics as /classify."""
+        start = time.perf_counter()
+        runner = runner_for(model)
+        if version is not None and version != runner.manifest["version"]:
+            raise ServiceError(404, "model_not_found", f"{model} has no version {version!r}; it serves "
+                                                       f"{runner.manifest['version']!r}")  # fmt: skip
+        with accounted(model, runner.provider, start):
+            check_key(request)
+            check_serving()
+            body = await read_body(request)
+            parsed = oip.parse_request(body, request.headers.get(oip.HEADER_LENGTH), runner.img_size)
+            if parsed.count > settings.max_images:
+                many = f"{parsed.count} images, over the limit of {settings.max_images}"
+                raise ServiceError(413, "payload_too_large", many)
+            if parsed.images is not None:
+                arrays = await prepared(request, runner, parsed.images)
+            else:
+                arrays = list(parsed.pixels.astype(runner.dtype))
+            results = await batched(request, model, arrays, start)
+            t = time.perf_counter()
+            logits = np.stack([r.logits for r in results])
+            content, headers = oip.encode_response(parsed, model, runner.manifest["version"], logits, runner.labels)
+            finished(request, model, start, t)
+            return Response(content, headers=headers)
 
     # ---- routes ----
 
@@ -445,9 +559,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         size = m["img_size"]
         return {
             "name": runner.name, "versions": [m["version"]], "platform": "onnxruntime_onnx",
-            "inputs": [{"name": runner.input_name, "datatype": "FP16" if m["precision"] == "fp16" else "FP32",
-                        "shape": [-1, 3, size, size]}],
-            "outputs": [{"name": m["output"]["name"], "datatype": "FP32", "shape": [-1, len(runner.labels)]}],
+            "inputs": [{"name": oip.IMAGE, "datatype": "BYTES", "shape": [-1]},
+                       {"name": oip.PIXELS, "datatype": "FP32", "shape": [-1, 3, size, size]}],
+            "outputs": [{"name": name, "datatype": "FP32", "shape": [-1, len(runner.labels)]} for name in oip.OUTPUTS],
             "execution_provider": runner.provider, "requested_providers": runner.requested,
             "provider_fallback": runner.fell_back, "precision": m["precision"], "classes": len(runner.labels),
             "backbone": m["backbone"]["name"], "method": m["method"], "schedule": m["schedule"],
@@ -467,6 +581,27 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.get("/v2/models/{model}", tags=["models"], include_in_schema=False)
     async def model_metadata(model: str) -> dict:
         return metadata(runner_for(model))
+
+    @app.get("/v2/models/{model}/versions/{version}", tags=["models"], include_in_schema=False)
+    async def model_version_metadata(model: str, version: str) -> dict:
+        found = metadata(runner_for(model))
+        if version not in found["versions"]:
+            raise ServiceError(404, "model_not_found", f"{model} has no version {version!r}")
+        return found
+
+    @app.post("/v2/models/{model}/infer", tags=["oip"], summary="Inference (Open Inference Protocol v2)",
+              responses=OIP_RESPONSES, openapi_extra=OIP_BODY, response_class=Response)  # fmt: skip
+    async def infer(request: Request, model: str) -> Response:
+        return await infer_with(request, model, None)
+
+    @app.post("/v2/models/{model}/versions/{version}/infer", tags=["oip"], summary="Inference of a model version",
+              responses=OIP_RESPONSES, openapi_extra=OIP_BODY, response_class=Response)  # fmt: skip
+    async def infer_version(request: Request, model: str, version: str) -> Response:
+        return await infer_with(request, model, version)
+
+    @app.get("/v2", tags=["oip"], summary="Server metadata (OIP v2)")
+    async def server_metadata() -> dict:
+        return {"name": "fpet", "version": fpet.__version__, "extensions": ["binary_tensor_data", "classification"]}
 
     @app.get("/v2/models/{model}/ready", tags=["models"], summary="Model readiness (OIP v2)",
              responses={404: {"model": ErrorBody}, 503: {"model": ErrorBody}})  # fmt: skip
