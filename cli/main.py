@@ -163,9 +163,22 @@ def cmd_export(args: argparse.Namespace) -> None:
         return
     if not args.run or not args.out:
         raise FpetError("give RUN_DIR and --out BUNDLE_DIR, or --default")
+    formats = tuple(f.strip() for f in args.format.split(",") if f.strip())
+    if "triton" in formats:
+        if formats != ("triton",):
+            raise FpetError("--format triton writes a whole model repository: give it alone")
+        from export.triton import TritonOptions, export_triton_repository
+
+        options = TritonOptions(
+            task=args.task, max_batch_size=args.max_batch_size, queue_delay_us=args.queue_delay_us,
+            instance_kind=args.instance_kind, instances=args.instances, tensorrt=args.tensorrt,
+            precision=args.precision, opset=args.opset,
+        )  # fmt: skip
+        for model in export_triton_repository(args.run, args.out, options, log=log):
+            print(model)
+        return
     from export.exporter import ExportOptions, export_bundle
 
-    formats = tuple(f.strip() for f in args.format.split(",") if f.strip())
     options = ExportOptions(variant=args.variant, formats=formats, precision=args.precision, opset=args.opset)
     manifest = export_bundle(args.run, args.out, options, log=log)
     for fmt, result in manifest["verification"]["formats"].items():
@@ -184,13 +197,24 @@ def add_export_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--variant", default="fpet", choices=["fpet", "backbone"], help="with merging, or the same model without"
     )
-    p.add_argument("--format", default="onnx,torchscript", help="comma-separated: onnx, torchscript")
+    p.add_argument(
+        "--format",
+        default="onnx,torchscript",
+        help="comma-separated: onnx, torchscript; or triton alone: a Triton model repository with both variants",
+    )
     p.add_argument(
         "--precision", default="fp32", help="fp32 or fp16 (fp16 is for GPUs; checked here on the CPU provider)"
     )
     p.add_argument("--opset", type=int, default=17, help="ONNX opset, 14..20")
     p.add_argument("--default", action="store_true", help="build both bundles of the default model into the cache")
     p.add_argument("--force", action="store_true", help="with --default: rebuild even when up to date")
+    triton = p.add_argument_group("with --format triton")
+    triton.add_argument("--task", help="models are named <variant>_<task> (default: the run folder's name)")
+    triton.add_argument("--max-batch-size", type=int, default=32, help="Triton's max_batch_size")
+    triton.add_argument("--queue-delay-us", type=int, default=2000, help="dynamic batching's longest queue delay")
+    triton.add_argument("--instance-kind", default="auto", choices=["auto", "gpu", "cpu"], help="instance_group kind")
+    triton.add_argument("--instances", type=int, default=1, help="model instances per device")
+    triton.add_argument("--tensorrt", action="store_true", help="add the TensorRT accelerator (FP16) for GPUs")
     p.set_defaults(func=cmd_export)
 
 
@@ -306,7 +330,7 @@ def cmd_bench_http(args: argparse.Namespace) -> None:
 
         raise FpetError("no images: pass --image PATH (repeat) or run from the repository root (samples/*.png)")
     rows = bench_http(args.url.rstrip("/"), images, [int(c) for c in args.concurrency.split(",")], args.requests,
-                      args.models.split(","))  # fmt: skip
+                      args.models.split(","), tuple(args.routes.split(",")))  # fmt: skip
     write_results(args.out, "http_results", rows, markdown(rows))
 
 
@@ -368,6 +392,11 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--concurrency", default="1,4,16")
     p.add_argument("--requests", type=int, default=200, help="per model and concurrency")
     p.add_argument("--image", action="append", help="PNG to send (repeat); default samples/*.png")
+    p.add_argument(
+        "--routes", default="classify",
+        help="comma-separated: classify (PNG to /classify), oip-image (PNG as OIP BYTES), oip-pixels (OIP FP32 "
+        "pixel_values preprocessed by the client); both OIP kinds as binary tensor data",
+    )  # fmt: skip
     p.add_argument("--out", default="bench-results")
     p.set_defaults(func=cmd_bench_http)
 

@@ -371,3 +371,43 @@ def test_prometheus_scrapes_the_service_and_records_the_speedup(tiny_bundles, tm
         process.terminate()
         prom.wait(timeout=30)
         process.wait(timeout=30)
+
+
+KSERVE = ROOT / "deploy" / "kserve"
+DNS_1123 = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+
+
+def inference_service(name: str) -> dict:
+    doc = yaml.safe_load((KSERVE / name).read_text())
+    assert doc["apiVersion"] == "serving.kserve.io/v1beta1" and doc["kind"] == "InferenceService"
+    assert DNS_1123.match(doc["metadata"]["name"]) and len(doc["metadata"]["name"]) <= 63
+    predictor = doc["spec"]["predictor"]
+    assert 1 <= predictor["minReplicas"] <= predictor["maxReplicas"]
+    return predictor
+
+
+def test_kserve_triton_runtime_serves_the_exported_repository():
+    model = inference_service("triton.yaml")["model"]
+    assert model["modelFormat"]["name"] == "onnx" and model["protocolVersion"] == "v2"
+    assert model["runtime"] == "kserve-tritonserver"
+    assert re.match(r"^(s3|gs|https?|pvc|hdfs)://", model["storageUri"])
+    assert {"cpu", "memory"} <= set(model["resources"]["requests"])
+
+
+def test_kserve_custom_predictor_runs_this_image_hardened():
+    import kubernetes_validate
+
+    predictor = inference_service("fpet.yaml")
+    [container] = predictor["containers"]
+    assert container["name"] == "kserve-container"  # KServe finds the serving container by this name
+    assert container["image"].startswith("fpet:")
+    port = container["ports"][0]["containerPort"]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert port == int(env.get("FPET_PORT", 8000))  # the image listens on 8000
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": port}
+    assert env["FPET_BUNDLES"] == "/models/fpet,/models/backbone"
+    # The predictor's pod fields and container are Kubernetes' own: validate them as a Pod, strictly.
+    pod_spec = {k: predictor[k] for k in ("containers", "volumes", "securityContext")}
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "fpet"}, "spec": pod_spec}
+    kubernetes_validate.validate(pod, KUBERNETES_VERSIONS[-1], strict=True)
+    assert restricted_violations(pod_spec) == []

@@ -156,4 +156,7 @@ def test_http_benchmark_smoke(server, tmp_path):
     assert [(r["model"], r["concurrency"]) for r in rows] == [
         ("backbone", 1), ("fpet", 1), ("fpet", 2), ("backbone", 2)]  # fmt: skip
     assert all(r["ok"] == 4 and not r["errors"] for r in rows)
-    assert "| fpet | 2 |" in markdown(rows)
+    assert "| classify | fpet | 2 |" in markdown(rows)
+    rows = bench_http(server, [image], [1], 3, ["fpet"], ("classify", "oip-image", "oip-pixels"))
+    assert [r["route"] for r in rows] == ["classify", "oip-image", "oip-pixels"]
+    assert all(r["ok"] == 3 and not r["errors"] for r in rows), rows
