@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import struct
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -15,6 +16,8 @@ from PIL import Image
 from service import oip
 from service.errors import ServiceError
 from tests.test_service_e2e import metric_value, start_server
+
+ROOT = Path(__file__).resolve().parents[1]
 
 httpclient = pytest.importorskip("tritonclient.http", reason="pip install 'tritonclient[http]' (a test extra)")
 from tritonclient.utils import InferenceServerException  # noqa: E402
@@ -46,11 +49,11 @@ def client(server):
         yield c
 
 
-def classify(server: str, image: bytes, model: str = "fpet") -> list[float]:
+def classify(server: str, image: bytes, model: str = "fpet", classes: int = 3) -> list[float]:
     """/classify's probabilities for one image, in class order."""
-    body = httpx.post(f"{server}/classify?model={model}&top_k=3", content=image,
+    body = httpx.post(f"{server}/classify?model={model}&top_k={classes}", content=image,
                       headers={"Content-Type": "image/png"}).json()  # fmt: skip
-    probabilities = [0.0] * 3
+    probabilities = [0.0] * classes
     for p in body["predictions"]:
         probabilities[p["index"]] = p["score"]
     return probabilities
@@ -155,6 +158,29 @@ def test_infer_counts_in_the_same_metrics(server, client):
     before = answered()
     client.infer("backbone", [image_input(IMAGES[:2])])
     assert answered() == before + 1
+
+
+@pytest.mark.network
+def test_the_default_model_answers_tritonclient_as_it_answers_classify(fetched, tmp_path, monkeypatch):
+    from export.defaults import ensure_default_bundles
+
+    monkeypatch.setenv("FPET_HOME", str(fetched[0]))
+    process, base = start_server(ensure_default_bundles(log=lambda _: None), tmp_path)
+    samples = sorted(ROOT.joinpath("samples").glob("*.png"))
+    images = [path.read_bytes() for path in samples]
+    try:
+        with httpclient.InferenceServerClient(base.removeprefix("http://")) as c:
+            meta = c.get_model_metadata("fpet")
+            by_image = c.infer("fpet", [image_input(images)]).as_numpy("probabilities")
+            pixels = np.stack([preprocess(image, meta) for image in images])
+            by_pixels = c.infer("fpet", [pixel_input(pixels)]).as_numpy("probabilities")
+        expected = np.array([classify(base, image, classes=10) for image in images])
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
+    assert list(by_image.argmax(1)) == list(by_pixels.argmax(1)) == list(expected.argmax(1)) == [9, 7]
+    assert [p.stem for p in samples] == ["ankle_boot", "sneaker"]  # Fashion-MNIST classes 9 and 7
+    np.testing.assert_allclose(by_pixels, expected, atol=1e-5)
 
 
 # ---- the codec alone ----
