@@ -140,7 +140,6 @@ def export_bundle(
     options: ExportOptions | None = None,
     *,
     log: Callable[[str], None] = print,
-    verify_hook: Callable[[dict], dict] | None = None,
 ) -> dict:
     """Export, verify, and only then rename the bundle into `out`; returns its manifest."""
     options = options or ExportOptions()
@@ -175,8 +174,6 @@ def export_bundle(
         log(f"verifying against PyTorch on {len(image_names)} real images at batch sizes 1 and 8 ...")
         runners = {fmt: RUNNERS[fmt](tmp / name) for fmt, name in files.items()}
         verification = verify_formats(expected, inputs.to(dtype).numpy(), runners, options.precision)
-        if verify_hook is not None:
-            verification = verify_hook(verification)
         failed = [fmt for fmt, result in verification.items() if not result["passed"]]
         manifest = build_manifest(run_dir, config, deployed, options, files, verification, image_names, timings)
         write_json_atomic(tmp / LABELS, config["labels"])

@@ -1,10 +1,16 @@
 """An asyncio micro-batcher per model: batches up to `max_batch` images, waits at most `max_delay` to fill a batch
 and only when other requests are already queued (never when idle), bounds its queue, drops requests past their
-deadline before inference, and runs inference in a worker thread so the event loop stays free."""
+deadline before inference, and runs inference in a worker thread so the event loop stays free.
+
+Admission comes before any work: a request takes a ticket (a place in the queue) before its body is read, so a full
+queue refuses it for the price of a 429. Every accepted request is answered: on stop (the running batch finishes, the
+queue is refused with 503), when the loop dies (500, and the batcher refuses what comes after), and by a bound on
+every wait (504 after the deadline plus a grace)."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import deque
 from collections.abc import Callable
@@ -14,6 +20,13 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from service.errors import ServiceError
+
+log = logging.getLogger("fpet.service")
+ANSWER_GRACE_S = 10.0  # a request past its deadline may still be in a running batch; after this it gets a 504
+
+
+def overloaded() -> ServiceError:
+    return ServiceError(429, "overloaded", "the queue is full; retry shortly", {"Retry-After": "1"})
 
 
 @dataclass
@@ -32,6 +45,18 @@ class _Item:
     enqueued: float = field(default_factory=time.perf_counter)
 
 
+class Ticket:
+    """One admitted request's place in the queue, held from admission until its images are queued (or it fails)."""
+
+    def __init__(self, batcher: MicroBatcher):
+        self._batcher, self._held = batcher, True
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            self._batcher._reserved -= 1
+
+
 class MicroBatcher:
     def __init__(
         self,
@@ -43,15 +68,21 @@ class MicroBatcher:
         max_queue: int,
         on_batch: Callable[[int, float], None] | None = None,
         on_queue: Callable[[int], None] | None = None,
+        on_failure: Callable[[str], None] | None = None,
+        answer_grace: float = ANSWER_GRACE_S,
     ):
-        self.run_batch, self.executor = run_batch, executor
+        self.run_batch, self.executor, self.answer_grace = run_batch, executor, answer_grace
         self.max_batch, self.max_delay, self.max_queue = max_batch, max_delay, max_queue
         self.on_batch = on_batch or (lambda size, seconds: None)
         self.on_queue = on_queue or (lambda depth: None)
+        self.on_failure = on_failure or (lambda reason: None)
         self._queue: deque[_Item] = deque()
+        self._running: list[_Item] = []
+        self._reserved = 0
         self._arrived = asyncio.Event()
         self._task: asyncio.Task | None = None
-        self._busy = False
+        self._closing = False
+        self.failure: str | None = None
 
     @property
     def depth(self) -> int:
@@ -59,35 +90,80 @@ class MicroBatcher:
 
     @property
     def idle(self) -> bool:
-        return not self._queue and not self._busy
+        return not self._queue and not self._running and not self._reserved
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._loop())
+        self._task.add_done_callback(self._ended)
 
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-        for item in self._queue:
-            if not item.future.done():
-                item.future.set_exception(ServiceError(503, "shutting_down", "the server is shutting down"))
-        self._queue.clear()
+    def admit(self) -> Ticket:
+        """A place in the queue for one request, or a 429 before anything about the request is read."""
+        self._check_open()
+        if len(self._queue) + self._reserved >= self.max_queue:
+            raise overloaded()
+        self._reserved += 1
+        return Ticket(self)
 
-    async def submit(self, images: list[np.ndarray], deadline: float) -> list[Result]:
-        if len(self._queue) + len(images) > self.max_queue:
-            raise ServiceError(429, "overloaded", "the queue is full; retry shortly", {"Retry-After": "1"})
+    async def stop(self, timeout: float = 30.0) -> None:
+        """Refuse new work, run what is queued for up to `timeout`, then answer whatever is left with a 503."""
+        self._closing = True
+        self._arrived.set()
+        if self._task is not None and not self._task.done():
+            try:
+                await asyncio.wait_for(asyncio.shield(self._task), timeout)
+            except TimeoutError:
+                self._task.cancel()
+                await asyncio.gather(self._task, return_exceptions=True)
+        self._fail_all(ServiceError(503, "shutting_down", "the server is shutting down"))
+
+    async def submit(self, images: list[np.ndarray], deadline: float, ticket: Ticket | None = None) -> list[Result]:
+        if ticket is not None:
+            ticket.release()
+        self._check_open()
+        if len(self._queue) + self._reserved + len(images) > self.max_queue:
+            raise overloaded()
         loop = asyncio.get_running_loop()
         items = [_Item(image, deadline, loop.create_future()) for image in images]
         self._queue.extend(items)
         self.on_queue(len(self._queue))
         self._arrived.set()
-        return list(await asyncio.gather(*(item.future for item in items)))
+        wait = max(deadline - time.perf_counter(), 0.0) + self.answer_grace
+        try:
+            return list(await asyncio.wait_for(asyncio.gather(*(item.future for item in items)), wait))
+        except TimeoutError:
+            raise ServiceError(504, "timeout", "no answer from the model within the request's deadline") from None
+
+    def _check_open(self) -> None:
+        if self.failure is not None:
+            raise ServiceError(503, "not_ready", f"not ready: {self.failure}", {"Retry-After": "5"})
+        if self._closing:
+            raise ServiceError(503, "shutting_down", "the server is shutting down", {"Retry-After": "5"})
+
+    def _fail_all(self, error: ServiceError) -> None:
+        for item in [*self._running, *self._queue]:
+            if not item.future.done():
+                item.future.set_exception(error)
+        self._queue.clear()
+        self._running = []
+        self.on_queue(0)
+
+    def _ended(self, task: asyncio.Task) -> None:
+        """The loop returned: on stop, as it should; otherwise it died, and everything waiting on it must hear so."""
+        if task.cancelled() or self._closing:
+            return
+        exc = task.exception()
+        self.failure = f"the batcher stopped: {exc!r}"
+        log.error("%s", self.failure, exc_info=exc)
+        self._fail_all(ServiceError(500, "internal_error", self.failure))
+        self.on_failure(self.failure)
 
     async def _take_batch(self) -> list[_Item]:
         while not self._queue:
+            if self._closing:
+                return []
             self._arrived.clear()
             await self._arrived.wait()
-        batch = [self._queue.popleft()]
+        batch = self._running = [self._queue.popleft()]  # held where stop() can still answer it
         under_load = bool(self._queue)  # an image arriving alone on an idle batcher goes at once
         end = time.perf_counter() + self.max_delay
         while len(batch) < self.max_batch:
@@ -109,6 +185,8 @@ class MicroBatcher:
         loop = asyncio.get_running_loop()
         while True:
             batch = await self._take_batch()
+            if not batch:
+                return  # closing, and nothing left to run
             now = time.perf_counter()
             live = []
             for item in batch:
@@ -121,18 +199,20 @@ class MicroBatcher:
                 else:
                     live.append(item)
             if not live:
+                self._running = []
                 continue
-            self._busy = True
+            self._running = live
             start = time.perf_counter()
             try:
                 logits = await loop.run_in_executor(self.executor, self.run_batch, np.stack([i.image for i in live]))
             except Exception as exc:  # a failed batch fails its requests, never the loop
+                self._running = []
                 for item in live:
                     if not item.future.done():
                         item.future.set_exception(exc)
                 continue
-            finally:
-                self._busy = False
+            # (cancelled mid-batch by stop(): the batch stays in _running, where stop() answers it)
+            self._running = []
             seconds = time.perf_counter() - start
             self.on_batch(len(live), seconds)
             for item, row in zip(live, logits, strict=True):

@@ -7,7 +7,7 @@ import warnings
 
 from PIL import Image, UnidentifiedImageError
 
-from fpet.imaging import to_rgb
+from fpet.imaging import draft, to_rgb
 from service.errors import ServiceError
 
 ALLOWED = {"jpeg", "png", "webp"}
@@ -31,7 +31,9 @@ def sniff(data: bytes) -> str | None:
     return None
 
 
-def decode_image(data: bytes, max_pixels: int) -> Image.Image:
+def decode_image(data: bytes, max_pixels: int, size: int | None = None) -> Image.Image:
+    """RGB pixels of a request's image; with `size`, a JPEG decodes straight to (at least) that scale, as training's
+    loader does through `fpet.imaging.resize_rgb`."""
     if not data:
         raise ServiceError(400, "invalid_image", "the image is empty (0 bytes)")
     kind = sniff(data)
@@ -50,6 +52,8 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
                 raise ServiceError(
                     413, "payload_too_large", f"the image is {width}x{height} pixels, over the limit of {max_pixels}"
                 )
+            if size is not None:
+                draft(image, size)
             image.load()
             return to_rgb(image)
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):

@@ -1,19 +1,65 @@
-"""`fpet serve`: settings from the environment and flags, then uvicorn."""
+"""`fpet serve`: settings from the environment and flags, then uvicorn with a drain that loses no request.
+
+On SIGTERM uvicorn alone would close idle keep-alive connections at once, dropping a request a client sends on one
+at that moment. Here (one worker, the default) the server first stops accepting connections (a new one is refused:
+the client knows it was never accepted), the apps answer whatever arrives on the open ones with `Connection: close`
+(queued work with 200, new work with 503), and only once they have been quiet for a moment does uvicorn's own
+shutdown run.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import shutil
 import signal
 import sys
 import tempfile
+import time
+from types import FrameType
 
+from service import lifecycle
 from service.settings import Settings
+
+log = logging.getLogger("fpet.service")
+QUIET_S = 0.3  # no request running or arriving for this long: what clients sent before the SIGTERM is answered
+QUIET_WAIT_S = 10.0  # at most this long: each open connection is closed after its next answer
+
+
+def draining_server(config):
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        async def startup(self, sockets=None) -> None:
+            self.loop = asyncio.get_running_loop()
+            self.drain_started = False
+            await super().startup(sockets=sockets)
+
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            """A signal handler: it only schedules work on the loop (no locks, no metrics here)."""
+            if sig != signal.SIGTERM or self.drain_started or not getattr(self, "servers", None):
+                super().handle_exit(sig, frame)
+                return
+            self.drain_started = True
+            self.loop.call_soon_threadsafe(lambda: self.loop.create_task(self.drain(sig, frame)))
+
+        async def drain(self, sig: int, frame: FrameType | None) -> None:
+            for server in self.servers:
+                server.close()  # new connections are refused from now on
+            lifecycle.begin_drain()
+            deadline = time.monotonic() + min(self.config.timeout_graceful_shutdown or QUIET_WAIT_S, QUIET_WAIT_S)
+            while time.monotonic() < deadline and not lifecycle.quiet_since(QUIET_S):
+                await asyncio.sleep(0.05)
+            log.info("drained: handing over to uvicorn's shutdown")
+            super().handle_exit(sig, frame)
+
+    return DrainingServer(config)
 
 
 def serve(overrides: dict) -> None:
     import uvicorn
+    from uvicorn.supervisors import Multiprocess
 
     settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -33,7 +79,14 @@ def serve(overrides: dict) -> None:
     print(
         f"serving on http://{settings.host}:{settings.port} (docs at /docs); ready once /readyz answers 200", flush=True
     )
-    uvicorn.run(
+    config = uvicorn.Config(
         "service.app:create_app", factory=True, host=settings.host, port=settings.port, workers=settings.workers,
         timeout_graceful_shutdown=int(settings.drain_timeout_s), log_level="info",
     )  # fmt: skip
+    if settings.workers > 1:  # uvicorn's supervisor runs its own servers: its drain, not this one
+        Multiprocess(config, sockets=[config.bind_socket()]).run()
+        return
+    server = draining_server(config)
+    server.run()
+    if not server.started:
+        raise SystemExit(1)  # uvicorn has logged why (the port is taken, the app did not start)

@@ -2,6 +2,7 @@
 
 import base64
 import io
+import time
 
 import numpy as np
 import pytest
@@ -181,8 +182,58 @@ def test_api_key_and_queue_limits(tiny_bundles):
         assert client.get("/readyz").status_code == 200  # health and metadata need no key
         images = [{"b64": base64.b64encode(jpeg()).decode()}] * 2
         response = client.post("/classify", json={"images": images}, headers={"X-API-Key": "s3cret"})
-        check_error(response, 429, "overloaded")
+        check_error(response, 429, "overloaded")  # two images never fit a queue of one
         assert response.headers["retry-after"] == "1"
+
+
+def metric(text: str, series: str) -> float:
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(series + " "))
+
+
+def test_a_full_queue_refuses_before_reading_or_decoding(tiny_bundles):
+    """A queue of one, a model made slow: concurrent requests get 200 or 429, and a request that cannot be queued
+    is refused even when its body is not an image (it was never read)."""
+    import threading
+
+    settings = Settings(bundles=[str(tiny_bundles["fpet"])], providers="cpu", max_queue_images=1, max_batch_size=1)
+    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+        batcher = client.app.state.fpet.batchers["fpet"]
+        run_batch = batcher.run_batch
+        batcher.run_batch = lambda batch: (time.sleep(0.4), run_batch(batch))[1]
+        codes = []
+        overloaded = 'fpet_request_errors_total{model="fpet",reason="overloaded"}'
+        before = metric(client.get("/metrics").text, overloaded)
+
+        def send():
+            codes.append(client.post("/classify", content=jpeg(), headers={"Content-Type": "image/jpeg"}).status_code)
+
+        threads = [threading.Thread(target=send) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+            time.sleep(0.02)
+        garbage = client.post("/classify", content=b"not an image", headers={"Content-Type": "image/jpeg"})
+        for thread in threads:
+            thread.join()
+        check_error(garbage, 429, "overloaded")
+        assert garbage.headers["retry-after"] == "1"
+        assert set(codes) == {200, 429} and 1 <= codes.count(200) <= 3, codes
+        assert metric(client.get("/metrics").text, overloaded) - before == codes.count(429) + 1
+
+
+def test_draining_answers_with_connection_close_and_refuses_new_work(tiny_bundles):
+    from service import lifecycle
+
+    settings = Settings(bundles=[str(tiny_bundles["fpet"])], providers="cpu")
+    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+        assert client.get("/readyz").status_code == 200
+        lifecycle.begin_drain()  # what the server does on SIGTERM, on the event loop
+        ready = client.get("/readyz")
+        check_error(ready, 503, "shutting_down")
+        assert ready.headers["connection"] == "close"
+        refused = client.post("/classify", content=jpeg(), headers={"Content-Type": "image/jpeg"})
+        check_error(refused, 503, "shutting_down")
+        assert refused.headers["connection"] == "close"
+        assert 'fpet_model_ready{model="fpet"} 0.0' in client.get("/metrics").text
 
 
 def test_not_ready_when_the_models_cannot_load(tmp_path):
@@ -214,20 +265,16 @@ def test_service_preprocessing_equals_training_preprocessing():
     np.testing.assert_allclose(ours, theirs, atol=1e-6)
 
 
-def test_sigterm_turns_readiness_off_at_once_then_hands_over():
-    import os
-    import signal
+def test_api_docs_load_without_internet(client):
+    """/docs references only the service's own Swagger UI files (no CDN), and they are served."""
+    import re
 
-    from service.app import State, watch_sigterm
-
-    calls = []
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: calls.append(signum))
-    try:
-        state = State(Settings())
-        state.ready = True
-        watch_sigterm(state)
-        os.kill(os.getpid(), signal.SIGTERM)
-        assert state.draining and not state.ready
-        assert calls == [signal.SIGTERM]  # uvicorn's own handler still runs: it drains the connections
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    html = client.get("/docs").text
+    assets = re.findall(r'(?:src|href)="([^"]+)"', html) + re.findall(r"url: '([^']+)'", html)
+    assert not [a for a in assets if a.startswith(("http:", "https:", "//"))], assets
+    for asset in (a for a in assets if a.startswith("/docs/assets/")):
+        response = client.get(asset)
+        assert response.status_code == 200 and len(response.content) > 1000, asset
+    assert "/docs/assets/swagger-ui-bundle.js" in assets and "/openapi.json" in assets
+    bundle = client.get("/docs/assets/swagger-ui-bundle.js").text
+    assert "isOAS31" in bundle  # a Swagger UI that renders the OpenAPI 3.1 document FastAPI writes

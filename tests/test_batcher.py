@@ -123,3 +123,86 @@ def test_a_failing_batch_fails_its_requests_not_the_batcher():
         return await batcher.submit(images(1), time.perf_counter() + 5)
 
     assert len(run(with_batcher(runner, body))) == 1
+
+
+def test_admission_holds_places_until_the_images_are_queued():
+    runner = FakeRunner(seconds=0.2)
+
+    async def body(batcher):
+        tickets = [batcher.admit() for _ in range(3)]
+        with pytest.raises(ServiceError) as full:
+            batcher.admit()  # refused before the request was read: three places are taken
+        tickets[0].release()
+        tickets[0].release()  # releasing twice frees one place, not two
+        again = batcher.admit()
+        with pytest.raises(ServiceError):
+            batcher.admit()
+        results = await asyncio.gather(*(batcher.submit(images(1), time.perf_counter() + 5, t)
+                                         for t in (tickets[1], tickets[2], again)))  # fmt: skip
+        return full.value, results
+
+    error, results = run(with_batcher(runner, body, max_queue=3, max_batch=1))
+    assert error.status == 429 and error.headers["Retry-After"] == "1"
+    assert len(results) == 3
+
+
+def test_stop_answers_the_running_batch_and_the_queue():
+    runner = FakeRunner(seconds=0.3)
+
+    async def body(batcher):
+        pending = [asyncio.ensure_future(batcher.submit(images(1), time.perf_counter() + 5)) for _ in range(4)]
+        await asyncio.sleep(0.05)  # one image is running, three are queued
+        start = time.perf_counter()
+        await batcher.stop(timeout=0.1)
+        outcomes = await asyncio.gather(*pending, return_exceptions=True)
+        with pytest.raises(ServiceError) as late:
+            await batcher.submit(images(1), time.perf_counter() + 5)
+        return outcomes, time.perf_counter() - start, late.value
+
+    with ThreadPoolExecutor(1) as executor:
+        batcher = MicroBatcher(runner, executor, max_batch=1, max_delay=0.0, max_queue=8)
+
+        async def go():
+            batcher.start()
+            return await body(batcher)
+
+        outcomes, seconds, late = run(go())
+    assert seconds < 1.0 and all(isinstance(o, ServiceError) and o.status == 503 for o in outcomes), outcomes
+    assert late.status == 503 and late.error_type == "shutting_down"
+
+
+def test_a_dead_loop_fails_its_requests_flips_readiness_and_refuses_the_next():
+    failures = []
+
+    async def body(batcher):
+        async def broken():
+            raise RuntimeError("the loop broke")
+
+        batcher._take_batch = broken
+        batcher._task.cancel()  # restart the loop with the broken step
+        await asyncio.gather(batcher._task, return_exceptions=True)
+        batcher._task = asyncio.get_running_loop().create_task(batcher._loop())
+        batcher._task.add_done_callback(batcher._ended)
+        with pytest.raises(ServiceError) as first:
+            await batcher.submit(images(1), time.perf_counter() + 5)
+        with pytest.raises(ServiceError) as later:
+            batcher.admit()
+        return first.value, later.value
+
+    first, later = run(with_batcher(FakeRunner(), body, on_failure=failures.append))
+    assert first.status == 500 and "the batcher stopped" in first.message and "the loop broke" in first.message
+    assert later.status == 503 and "the batcher stopped" in later.message
+    assert failures and "the loop broke" in failures[0]
+
+
+def test_no_wait_outlives_the_deadline_and_its_grace():
+    runner = FakeRunner(seconds=1.0)
+
+    async def body(batcher):
+        start = time.perf_counter()
+        with pytest.raises(ServiceError) as error:
+            await batcher.submit(images(1), start + 0.05)
+        return error.value, time.perf_counter() - start
+
+    error, seconds = run(with_batcher(runner, body, answer_grace=0.1))
+    assert error.status == 504 and seconds < 0.6

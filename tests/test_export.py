@@ -71,17 +71,29 @@ def test_backbone_variant_is_the_same_model_without_merging(tmp_path):
     assert plain["preprocessing"] == fpet["preprocessing"] and plain["version"] == fpet["version"]
 
 
-def test_failed_verification_refuses_the_bundle_and_keeps_the_old_one(tmp_path):
+def test_a_wrong_graph_fails_verification_and_the_old_bundle_stays(tmp_path, monkeypatch):
+    """A graph whose classifier weights were nudged (noise of std 0.01) after export must not pass."""
+    from onnx import numpy_helper
+
+    import export.exporter as exporter
+
     run = make_run(tmp_path / "run")
     out = tmp_path / "bundle"
     first = export_bundle(run, out, ExportOptions(formats=("onnx",)), **quiet)
+    real = exporter.export_onnx
 
-    def sabotage(results):
-        results["onnx"]["passed"] = False
-        return results
+    def export_corrupted(model, path, example, opset):
+        real(model, path, example, opset)
+        graph = onnx.load(str(path))
+        head = next(t for t in graph.graph.initializer if t.name == "head.weight")
+        weights = numpy_helper.to_array(head)
+        noise = np.random.default_rng(0).normal(0, 0.01, weights.shape).astype(weights.dtype)
+        head.CopyFrom(numpy_helper.from_array(weights + noise, head.name))
+        onnx.save(graph, str(path))
 
+    monkeypatch.setattr(exporter, "export_onnx", export_corrupted)
     with pytest.raises(FpetError, match="verification failed for onnx"):
-        export_bundle(run, out, ExportOptions(formats=("onnx",)), verify_hook=sabotage, **quiet)
+        export_bundle(run, out, ExportOptions(formats=("onnx",)), **quiet)
     assert read_manifest(out) == first
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle", "run"]  # no temporary folder left
 

@@ -1,0 +1,184 @@
+"""The steps every inference route shares: key, readiness and admission checks, reading the body in any of its
+encodings, decoding and preprocessing (bounded, off the event loop), batching, and the request metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import hmac
+import json
+import time
+from collections.abc import AsyncIterator, Iterator
+
+import numpy as np
+from fastapi import Request
+from pydantic import ValidationError
+
+from service import metrics
+from service.batcher import Result, Ticket
+from service.decode import CONTENT_TYPES, decode_image
+from service.errors import ServiceError
+from service.runtime import ModelRunner
+from service.schemas import JsonRequest, Prediction
+from service.settings import Settings
+from service.state import State
+
+
+def check_key(request: Request, settings: Settings) -> None:
+    key = settings.api_key
+    if key is None:
+        return
+    given = request.headers.get("x-api-key") or ""
+    auth = request.headers.get("authorization", "")
+    if auth.lower().startswith("bearer "):
+        given = auth[7:].strip()
+    if not hmac.compare_digest(given.encode(), key.get_secret_value().encode()):
+        raise ServiceError(401, "unauthorized", "a valid API key is required (Authorization: Bearer or X-API-Key)")
+
+
+@contextlib.contextmanager
+def accounted(model: str, provider: str, start: float) -> Iterator[None]:
+    """Every request to a model counts once: in flight while it runs, then its code, error reason and latency."""
+    metrics.IN_FLIGHT.labels(model).inc()
+    code, reason = 200, None
+    try:
+        yield
+    except ServiceError as exc:
+        code, reason = exc.status, exc.error_type
+        raise
+    except Exception:
+        code, reason = 500, "internal_error"
+        raise
+    finally:
+        metrics.IN_FLIGHT.labels(model).dec()
+        metrics.REQUESTS.labels(model, str(code)).inc()
+        if reason:
+            metrics.ERRORS.labels(model, reason).inc()
+        metrics.REQUEST_SECONDS.labels(model, provider).observe(time.perf_counter() - start)
+
+
+@contextlib.asynccontextmanager
+async def admitted(request: Request, state: State, model: str) -> AsyncIterator[Ticket]:
+    """Key, readiness and a place in the model's queue, all before the body is read: overload costs a 429 only."""
+    check_key(request, state.settings)
+    state.check_serving()
+    ticket = state.batchers[model].admit()
+    try:
+        yield ticket
+    finally:
+        ticket.release()
+
+
+async def read_body(request: Request, settings: Settings) -> bytes:
+    limit = settings.max_bytes
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise ServiceError(413, "payload_too_large", f"the body is {declared} bytes, over the limit of {limit}")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ServiceError(413, "payload_too_large", f"the body is over the limit of {limit} bytes")
+        chunks.append(chunk)
+    body = b"".join(chunks)
+    request._body = body  # lets request.form() parse what was already read within the limit
+    return body
+
+
+def b64(text: str) -> bytes:
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise ServiceError(400, "invalid_request", "an image is not valid base64") from None
+
+
+async def read_images(request: Request, settings: Settings) -> list[bytes]:
+    """The image bytes of a request, in any of the three body encodings."""
+    body = await read_body(request, settings)
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if not body:
+        raise ServiceError(400, "invalid_request", "the request body is empty")
+    if content_type in CONTENT_TYPES:
+        return [body]
+    if content_type == "multipart/form-data":
+        form = await request.form(max_files=1, max_fields=4)
+        upload = form.get("file")
+        if upload is None or isinstance(upload, str):
+            raise ServiceError(400, "invalid_request", "the multipart body has no `file` part")
+        return [await upload.read()]
+    if content_type == "application/json":
+        try:
+            payload = JsonRequest.model_validate(json.loads(body))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise ServiceError(400, "invalid_request", "the body is not valid JSON") from None
+        except ValidationError as exc:
+            raise ServiceError(422, "validation_error", str(exc.errors()[0]["msg"])) from None
+        if payload.image_b64 is not None:
+            return [b64(payload.image_b64)]
+        if payload.images:
+            if len(payload.images) > settings.max_images:
+                many = f"{len(payload.images)} images, over the limit of {settings.max_images}"
+                raise ServiceError(413, "payload_too_large", many)
+            return [b64(item.b64) for item in payload.images]
+        raise ServiceError(422, "validation_error", "give `image_b64` or a non-empty `images` list")
+    raise ServiceError(
+        415, "unsupported_media_type",
+        "send image/jpeg, image/png or image/webp, multipart/form-data with `file`, or application/json",
+    )  # fmt: skip
+
+
+def deadline_of(request: Request, settings: Settings, start: float) -> float:
+    budget = settings.deadline_ms
+    asked = request.headers.get("x-request-timeout-ms")
+    if asked is not None:
+        try:
+            budget = min(budget, float(asked))
+        except ValueError:
+            raise ServiceError(400, "invalid_request", "X-Request-Timeout-Ms must be a number") from None
+    return start + budget / 1000
+
+
+async def decoded(request: Request, state: State, raw: list[bytes], size: int) -> list:
+    """RGB images, decoded at (at least) `size` in a worker thread, at most one image per core at a time."""
+    t = time.perf_counter()
+    async with state.decode_slots:
+        images = await asyncio.to_thread(lambda: [decode_image(d, state.settings.max_pixels, size) for d in raw])
+    request.state.timing["decode"] = (time.perf_counter() - t) * 1000
+    return images
+
+
+async def prepared(request: Request, state: State, runner: ModelRunner, raw: list[bytes]) -> list[np.ndarray]:
+    """Encoded images as model inputs, exactly as in training."""
+    images = await decoded(request, state, raw, runner.img_size)
+    t = time.perf_counter()
+    async with state.decode_slots:
+        arrays = await asyncio.to_thread(lambda: [runner.preprocess(image) for image in images])
+    request.state.timing["preprocess"] = (time.perf_counter() - t) * 1000
+    return arrays
+
+
+async def batched(
+    request: Request, state: State, model: str, arrays: list[np.ndarray], start: float, ticket: Ticket
+) -> list[Result]:
+    results = await state.batchers[model].submit(arrays, deadline_of(request, state.settings, start), ticket)
+    request.state.timing["queue"] = max(r.queue_seconds for r in results) * 1000
+    request.state.timing["inference"] = max(r.inference_seconds for r in results) * 1000
+    return results
+
+
+def finished(request: Request, model: str, start: float, postprocess_started: float) -> None:
+    timing = request.state.timing
+    timing["postprocess"] = (time.perf_counter() - postprocess_started) * 1000
+    timing["total"] = (time.perf_counter() - start) * 1000
+    for stage in metrics.STAGES:
+        if stage in timing:
+            metrics.STAGE_SECONDS.labels(model, stage).observe(timing[stage] / 1000)
+
+
+def top_predictions(logits: np.ndarray, labels: list[str], k: int) -> list[Prediction]:
+    shifted = np.exp(logits - logits.max())
+    probs = shifted / shifted.sum()
+    order = np.argsort(-probs)[:k]
+    return [Prediction(index=int(i), label=labels[i], score=float(probs[i])) for i in order]

@@ -1,0 +1,103 @@
+"""The service's own classification routes: /classify, /models/{model}/classify and /classify/compare."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+
+from fastapi import APIRouter, Query, Request
+
+from service.pipeline import (
+    accounted,
+    admitted,
+    batched,
+    deadline_of,
+    decoded,
+    finished,
+    prepared,
+    read_images,
+    top_predictions,
+)
+from service.schemas import ERRORS, IMAGE_BODY, ClassifyResponse, CompareEntry, CompareResponse, ImageResult, Timing
+from service.state import State, StateDep
+
+router = APIRouter(tags=["classify"])
+TOP_K = Query(5, ge=1, le=20)
+DOC = {"responses": ERRORS, "openapi_extra": IMAGE_BODY, "response_model": ClassifyResponse}
+
+
+async def classify_with(request: Request, state: State, model: str, top_k: int) -> ClassifyResponse:
+    start = time.perf_counter()
+    runner = state.runner(model)
+    with accounted(model, runner.provider, start):
+        async with admitted(request, state, model) as ticket:
+            arrays = await prepared(request, state, runner, await read_images(request, state.settings))
+            results = await batched(request, state, model, arrays, start, ticket)
+        t = time.perf_counter()
+        per_image = [top_predictions(r.logits, runner.labels, top_k) for r in results]
+        finished(request, model, start, t)
+        return ClassifyResponse(
+            request_id=request.state.request_id, model=model, model_version=runner.manifest["version"],
+            execution_provider=runner.provider, predictions=per_image[0],
+            results=[ImageResult(image=i, predictions=p) for i, p in enumerate(per_image)],
+            timing_ms=Timing(**request.state.timing),
+        )  # fmt: skip
+
+
+@router.post("/classify", summary="Classify an image", **DOC)
+async def classify(
+    request: Request,
+    state: StateDep,
+    model: str | None = Query(None, description="variant: fpet or backbone (default: FPET_DEFAULT_MODEL, fpet)"),
+    top_k: int = TOP_K,
+) -> ClassifyResponse:
+    return await classify_with(request, state, model or state.settings.default_model, top_k)
+
+
+@router.post("/models/{model}/classify", summary="Classify with a given model", **DOC)
+async def classify_model(request: Request, state: StateDep, model: str, top_k: int = TOP_K) -> ClassifyResponse:
+    return await classify_with(request, state, model, top_k)
+
+
+@router.post("/classify/compare", summary="Every variant on the same image", responses=ERRORS,
+             openapi_extra=IMAGE_BODY, response_model=CompareResponse)  # fmt: skip
+async def compare(request: Request, state: StateDep, top_k: int = TOP_K) -> CompareResponse:
+    """Counted in the request metrics under the model label `compare`."""
+    start = time.perf_counter()
+    provider = ",".join(sorted({r.provider for r in state.runners.values()})) or "none"
+    with accounted("compare", provider, start):
+        state.check_serving()
+        async with contextlib.AsyncExitStack() as stack:
+            tickets = {name: await stack.enter_async_context(admitted(request, state, name)) for name in state.runners}
+            raw = await read_images(request, state.settings)
+            size = max(r.img_size for r in state.runners.values())
+            image = (await decoded(request, state, raw[:1], size))[0]
+
+            async def one(name: str):
+                runner = state.runners[name]
+                array = await asyncio.to_thread(runner.preprocess, image)
+                (result,) = await state.batchers[name].submit([array], deadline_of(request, state.settings, start),
+                                                              tickets[name])  # fmt: skip
+                return name, runner, result
+
+            done = await asyncio.gather(*(one(n) for n in state.runners))
+        entries = {
+            name: CompareEntry(
+                model_version=runner.manifest["version"], execution_provider=runner.provider,
+                predictions=top_predictions(result.logits, runner.labels, top_k), queue_ms=result.queue_seconds * 1000,
+                inference_ms_per_image=result.inference_seconds * 1000 / result.batch_size,
+                batch_size=result.batch_size,
+            )
+            for name, runner, result in done
+        }  # fmt: skip
+        tops = {e.predictions[0].index for e in entries.values()}
+        speedup = None
+        if "fpet" in entries and "backbone" in entries:
+            speedup = entries["backbone"].inference_ms_per_image / max(entries["fpet"].inference_ms_per_image, 1e-9)
+        timing = request.state.timing
+        timing["total"] = (time.perf_counter() - start) * 1000
+        return CompareResponse(
+            request_id=request.state.request_id, models=entries, top1_agreement=len(tops) == 1, speedup=speedup,
+            timing_ms={"decode": timing["decode"], "total": timing["total"]},
+        )  # fmt: skip

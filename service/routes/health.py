@@ -1,0 +1,41 @@
+"""Liveness, readiness (also under the Open Inference Protocol's paths) and the Prometheus metrics."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from fastapi.responses import PlainTextResponse, Response
+
+from service import metrics
+from service.schemas import ErrorBody
+from service.state import StateDep
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz", summary="Liveness: the process answers")
+@router.get("/v2/health/live", include_in_schema=False)
+async def healthz() -> dict:
+    return {"status": "alive"}
+
+
+@router.get("/readyz", summary="Readiness: every model loaded and warm, not draining",
+            responses={503: {"model": ErrorBody}})  # fmt: skip
+@router.get("/v2/health/ready", include_in_schema=False)
+async def readyz(state: StateDep) -> dict:
+    state.check_serving()
+    return {"status": "ready", "models": {n: r.provider for n, r in state.runners.items()}}
+
+
+@router.get("/v2/models/{model}/ready", tags=["models"], summary="Model readiness (OIP v2)",
+            responses={404: {"model": ErrorBody}, 503: {"model": ErrorBody}})  # fmt: skip
+async def model_ready(state: StateDep, model: str) -> dict:
+    state.runner(model)
+    state.check_serving()
+    return {"name": model, "ready": True}
+
+
+@router.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse,
+            responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}})  # fmt: skip
+async def prometheus_metrics() -> Response:
+    body, content_type = metrics.render()
+    return Response(body, media_type=content_type)

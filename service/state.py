@@ -1,0 +1,130 @@
+"""What the service holds while it runs, and its life: the bundles loaded and warmed, one batcher per model,
+admission, readiness, and the drain."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from fpet.paths import default_bundle_dir
+from service import metrics
+from service.batcher import MicroBatcher
+from service.errors import ServiceError
+from service.runtime import ModelRunner
+from service.settings import Settings
+
+log = logging.getLogger("fpet.service")
+
+
+class State:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.runners: dict[str, ModelRunner] = {}
+        self.batchers: dict[str, MicroBatcher] = {}
+        self.executors: list[ThreadPoolExecutor] = []
+        self.ready = False
+        self.draining = False
+        self.reason = "loading models"
+        # Images decoded or preprocessed at once: as many as there are cores, whatever the load.
+        self.decode_slots = asyncio.Semaphore(os.cpu_count() or 1)
+        self.in_flight = 0
+        self.last_arrival = 0.0
+
+    def max_batch(self, runner: ModelRunner) -> int:
+        return self.settings.max_batch_size or (32 if runner.on_gpu else 8)
+
+    def runner(self, model: str) -> ModelRunner:
+        if model not in self.runners:
+            served = ", ".join(self.runners) or "none yet"
+            raise ServiceError(404, "model_not_found", f"no model {model!r}; served: {served}")
+        return self.runners[model]
+
+    def check_serving(self) -> None:
+        if self.draining:
+            raise ServiceError(503, "shutting_down", "the server is shutting down", {"Retry-After": "5"})
+        if not self.ready:
+            raise ServiceError(503, "not_ready", f"not ready: {self.reason}", {"Retry-After": "5"})
+
+    def set_ready(self, ready: bool, reason: str = "") -> None:
+        self.ready, self.reason = ready, reason
+        for name in self.runners:
+            metrics.READY.labels(name).set(1 if ready else 0)
+
+    def begin_drain(self) -> None:
+        """On the event loop, never in a signal handler: prometheus_client's locks are not re-entrant."""
+        self.draining = True
+        self.set_ready(False, "shutting down")
+
+    def quiet_since(self, seconds: float) -> bool:
+        """No request running and none arrived for `seconds`: what was sent before a SIGTERM has been answered."""
+        return self.in_flight == 0 and time.monotonic() - self.last_arrival >= seconds
+
+
+def get_state(request: Request) -> State:
+    return request.app.state.fpet
+
+
+StateDep = Annotated[State, Depends(get_state)]
+
+
+def bundle_paths(settings: Settings) -> list[str]:
+    return settings.bundles or [str(default_bundle_dir(v)) for v in ("fpet", "backbone")]
+
+
+def load(state: State) -> None:
+    """Load and warm every bundle (in a worker thread: this takes seconds)."""
+    settings = state.settings
+    for path in bundle_paths(settings):
+        runner = ModelRunner(path, settings.providers, settings.threads)
+        if runner.name in state.runners:
+            raise ServiceError(500, "internal_error", f"two bundles serve the variant {runner.name!r}")
+        runner.warm_up(state.max_batch(runner))
+        state.runners[runner.name] = runner
+        metrics.initialise(runner.name)
+        m = runner.manifest
+        metrics.INFO.labels(runner.name, m["version"], m["backbone"]["name"], runner.provider, m["precision"],
+                            m["schedule"]).set(1)  # fmt: skip
+        metrics.GFLOPS.labels(runner.name).set(2 * m["gmacs"])
+        metrics.LOAD_SECONDS.labels(runner.name).set(runner.load_seconds)
+        metrics.WARMUP_SECONDS.labels(runner.name).set(runner.warmup_seconds)
+        if runner.fell_back:
+            metrics.FALLBACKS.labels(runner.name).inc()
+        log.info("%s ready on %s (load %.1f s, warm-up %.1f s)", runner.name, runner.provider,
+                 runner.load_seconds, runner.warmup_seconds)  # fmt: skip
+
+
+def start_batchers(state: State) -> None:
+    settings = state.settings
+    for name, runner in state.runners.items():
+        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"infer-{name}")
+        state.executors.append(executor)
+
+        def on_batch(size: int, seconds: float, name: str = name, provider: str = runner.provider) -> None:
+            metrics.BATCH_SECONDS.labels(name, provider).observe(seconds)
+            metrics.BATCH_SIZE.labels(name).observe(size)
+            metrics.BATCHES.labels(name).inc()
+            metrics.IMAGES.labels(name).inc(size)
+
+        batcher = MicroBatcher(
+            runner.run, executor, max_batch=state.max_batch(runner), max_delay=settings.max_delay_ms / 1000,
+            max_queue=settings.max_queue_images, on_batch=on_batch,
+            on_queue=lambda depth, name=name: metrics.QUEUE_IMAGES.labels(name).set(depth),
+            on_failure=lambda reason, name=name: state.set_ready(False, f"{name}: {reason}"),
+        )  # fmt: skip
+        batcher.start()
+        state.batchers[name] = batcher
+
+
+async def drain(state: State) -> None:
+    """Run what is queued (up to the drain timeout), answer what is left with 503, release the threads."""
+    if not state.draining:
+        state.begin_drain()
+    await asyncio.gather(*(b.stop(state.settings.drain_timeout_s) for b in state.batchers.values()))
+    for executor in state.executors:
+        executor.shutdown(wait=False)
