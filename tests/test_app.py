@@ -278,3 +278,39 @@ def test_api_docs_load_without_internet(client):
     assert "/docs/assets/swagger-ui-bundle.js" in assets and "/openapi.json" in assets
     bundle = client.get("/docs/assets/swagger-ui-bundle.js").text
     assert "isOAS31" in bundle  # a Swagger UI that renders the OpenAPI 3.1 document FastAPI writes
+
+
+def photo_jpeg(width: int, height: int, orientation: int | None = None) -> bytes:
+    """A camera-sized JPEG with smooth structure and noise (what draft decoding has to get right)."""
+    yy, xx = np.mgrid[0:height, 0:width]
+    rgb = np.stack([xx * 255 // width, yy * 255 // height, (xx + yy) % 256], axis=-1).astype(np.float64)
+    rgb += np.random.default_rng(0).normal(0, 12, rgb.shape)
+    image = Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8))
+    out = io.BytesIO()
+    exif = Image.Exif()
+    if orientation:
+        exif[0x0112] = orientation
+    image.save(out, "JPEG", quality=90, exif=exif.tobytes())
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("orientation", [None, 6])
+def test_large_jpegs_decode_small_and_identically_in_training_and_serving(tmp_path, orientation):
+    """Draft decoding (1/8 of 1600x1200 is 200x150, at least 112) is shared: the service's pixels are the ones
+    training's image loader produces, exactly."""
+    from fpet.imaging import resize_rgb
+    from service.decode import decode_image
+    from training.data import Preprocessing, open_split
+
+    data = photo_jpeg(1600, 1200, orientation)
+    served = decode_image(data, 40_000_000, 112)
+    assert served.size == ((150, 200) if orientation == 6 else (200, 150))  # decoded at 1/8 scale, then rotated
+    serving = resize_rgb(served, 112)
+    folder = tmp_path / "data" / "photo"
+    folder.mkdir(parents=True)
+    (folder / "a.jpg").write_bytes(data)
+    split = open_split(tmp_path / "data", "train", classes=["photo"])
+    training = split.decode([0], Preprocessing(112)).pixels[0].numpy()
+    np.testing.assert_array_equal(serving, training)
+    full = resize_rgb(Image.open(io.BytesIO(data)).convert("RGB"), 112)  # what decoding at full size would give
+    assert np.abs(full.astype(int) - serving.astype(int)).mean() < 3  # the same picture, not a different one
