@@ -1,9 +1,11 @@
-"""Load on a running service: the same images to each variant at several concurrencies, side by side.
+"""Load on a running service, side by side: the same images to each variant and route at several concurrencies,
+from a native load generator (wrk, else hey) so that the client does not starve the server of the CPU it measures.
 
-Variants and routes alternate at every concurrency, so all see the same machine state; each request carries one
-image. Routes: `classify` (an encoded PNG to /classify), `oip-image` (the same PNG as an Open Inference Protocol
-BYTES input) and `oip-pixels` (the image preprocessed by the client, as FP32 `pixel_values`), both through Triton's
-binary extension as `tritonclient` sends them. Request bodies are built before the clock starts.
+Each case is closed-loop for a fixed duration. Routes: `classify` (the encoded image to /classify), `oip-image` (the
+same bytes as an Open Inference Protocol BYTES input) and `oip-pixels` (preprocessed by the client, FP32
+`pixel_values`), both OIP kinds as Triton's binary tensor data, as `tritonclient` sends them. Cases alternate order
+at every concurrency. Besides latency and throughput, the server's CPU seconds per request come from its own
+`process_cpu_seconds_total` (one worker; multiprocess mode has no process metrics).
 """
 
 from __future__ import annotations
@@ -11,8 +13,11 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-import statistics
+import shutil
+import subprocess
+import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -20,68 +25,195 @@ from PIL import Image
 
 from fpet.errors import FpetError
 from fpet.imaging import normalize, resize_rgb
+from service.decode import sniff
 from service.oip import serialize_bytes
 
 ROUTES = ("classify", "oip-image", "oip-pixels")
+CLIENTS = ("auto", "wrk", "hey", "python")
 
 
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+@dataclass(frozen=True)
+class Case:
+    route: str
+    model: str
+    url: str
+    bodies: list[bytes]
+    headers: dict[str, str]
 
 
-def oip_body(name: str, datatype: str, shape: list[int], raw: bytes) -> tuple[bytes, dict[str, str]]:
+def oip_body(name: str, datatype: str, shape: list[int], raw: bytes) -> tuple[bytes, str]:
     head = json.dumps({
         "inputs": [{"name": name, "datatype": datatype, "shape": shape, "parameters": {"binary_data_size": len(raw)}}],
         "outputs": [{"name": "probabilities", "parameters": {"binary_data": True}}],
     }).encode()  # fmt: skip
-    headers = {"Content-Type": "application/octet-stream", "Inference-Header-Content-Length": str(len(head))}
-    return head + raw, headers
+    return head + raw, str(len(head))
 
 
-def requests_for(base: str, route: str, model: str, images: list[bytes]) -> list[tuple[str, bytes, dict]]:
-    """(url, body, headers) per image for one route and model."""
+def make_case(base: str, route: str, model: str, images: list[bytes]) -> Case:
+    """Request bodies are built before the clock starts: a client that preprocesses does it ahead of time."""
     if route == "classify":
-        return [(f"{base}/classify?model={model}", image, {"Content-Type": "image/png"}) for image in images]
+        kind = sniff(images[0]) or "png"
+        return Case(route, model, f"{base}/classify?model={model}", images, {"Content-Type": f"image/{kind}"})
     url = f"{base}/v2/models/{model}/infer"
     if route == "oip-image":
-        return [(url, *oip_body("image", "BYTES", [1], serialize_bytes([image]))) for image in images]
-    pre = httpx.get(f"{base}/v2/models/{model}", timeout=30).json()["preprocessing"]
-    out = []
-    for image in images:
-        pixels = normalize(resize_rgb(Image.open(io.BytesIO(image)), pre["img_size"])[None], pre["mean"], pre["std"])
-        out.append((url, *oip_body("pixel_values", "FP32", list(pixels.shape), pixels.astype("<f4").tobytes())))
-    return out
+        built = [oip_body("image", "BYTES", [1], serialize_bytes([image])) for image in images]
+    elif route == "oip-pixels":
+        pre = httpx.get(f"{base}/v2/models/{model}", timeout=30).json()["preprocessing"]
+        built = []
+        for image in images:
+            x = normalize(resize_rgb(Image.open(io.BytesIO(image)), pre["img_size"])[None], pre["mean"], pre["std"])
+            built.append(oip_body("pixel_values", "FP32", list(x.shape), x.astype("<f4").tobytes()))
+    else:
+        raise FpetError(f"unknown route {route!r}; choose from {', '.join(ROUTES)}")
+    if len({length for _, length in built}) != 1:
+        raise FpetError("OIP bodies for several images need headers of one length: give images of one size")
+    headers = {"Content-Type": "application/octet-stream", "Inference-Header-Content-Length": built[0][1]}
+    return Case(route, model, url, [body for body, _ in built], headers)
 
 
-async def drive(requests: list[tuple[str, bytes, dict]], concurrency: int, count: int) -> dict:
+def pick_client(client: str) -> str:
+    if client != "auto":
+        if client != "python" and shutil.which(client) is None:
+            raise FpetError(f"{client} is not installed (Debian: apt-get install {client})")
+        return client
+    for name in ("wrk", "hey"):
+        if shutil.which(name):
+            return name
+    raise FpetError("no native load generator: apt-get install wrk (or hey), or pass --client python")
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))] if ordered else float("nan")
+
+
+WRK_SCRIPT = """
+local bodies, n = {}, 0
+for _, path in ipairs({%(paths)s}) do
+  local f = assert(io.open(path, "rb")); n = n + 1; bodies[n] = f:read("*all"); f:close()
+end
+wrk.method = "POST"
+%(headers)s
+local i = 0
+function request() i = i %% n + 1; return wrk.format(nil, nil, nil, bodies[i]) end
+counts = {}
+function response(status) counts[status] = (counts[status] or 0) + 1 end
+local threads = {}
+function setup(thread) table.insert(threads, thread) end
+function done(summary, latency, requests)
+  local statuses = {}
+  for _, t in ipairs(threads) do
+    for status, c in pairs(t:get("counts")) do statuses[#statuses + 1] = string.format('"%%d": %%d', status, c) end
+  end
+  local e = summary.errors
+  io.write(string.format('FPET_RESULT {"requests": %%d, "seconds": %%f, "p50_ms": %%f, "p95_ms": %%f, ' ..
+    '"p99_ms": %%f, "socket_errors": {"connect": %%d, "read": %%d, "write": %%d, "timeout": %%d}, ' ..
+    '"statuses": [{%%s}]}\\n', summary.requests, summary.duration / 1e6, latency:percentile(50) / 1e3,
+    latency:percentile(95) / 1e3, latency:percentile(99) / 1e3, e.connect, e.read, e.write, e.timeout,
+    table.concat(statuses, ", ")))
+end
+"""
+
+
+def run_wrk(case: Case, concurrency: int, seconds: float, folder: Path) -> dict:
+    paths = []
+    for i, body in enumerate(case.bodies):
+        path = folder / f"body-{i}.bin"
+        path.write_bytes(body)
+        paths.append(json.dumps(str(path)))
+    headers = "\n".join(f"wrk.headers[{json.dumps(k)}] = {json.dumps(v)}" for k, v in case.headers.items())
+    script = folder / "case.lua"
+    script.write_text(WRK_SCRIPT % {"paths": ", ".join(paths), "headers": headers})
+    cmd = ["wrk", "-t1", f"-c{concurrency}", f"-d{max(1, round(seconds))}s", "--timeout", "30s", "-s", str(script),
+           case.url]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    line = next((x for x in done.stdout.splitlines() if x.startswith("FPET_RESULT ")), None)
+    if done.returncode != 0 or line is None:
+        raise FpetError(f"wrk failed: {(done.stderr or done.stdout).strip()[-300:]}")
+    raw = json.loads(line.removeprefix("FPET_RESULT "))
+    statuses: dict[str, int] = {}
+    for part in raw["statuses"]:
+        for status, count in part.items():
+            statuses[status] = statuses.get(status, 0) + count
+    errors = {k: v for k, v in statuses.items() if k != "200"}
+    errors.update({name: n for name, n in raw["socket_errors"].items() if n})
+    return {"requests": raw["requests"], "ok": statuses.get("200", 0), "errors": errors, "seconds": raw["seconds"],
+            "p50_ms": raw["p50_ms"], "p95_ms": raw["p95_ms"], "p99_ms": raw["p99_ms"]}  # fmt: skip
+
+
+def run_hey(case: Case, concurrency: int, seconds: float, folder: Path) -> dict:
+    body = folder / "body.bin"
+    body.write_bytes(case.bodies[0])  # hey sends one body
+    headers = [arg for k, v in case.headers.items() if k != "Content-Type" for arg in ("-H", f"{k}: {v}")]
+    cmd = ["hey", "-z", f"{max(1, round(seconds))}s", "-c", str(concurrency), "-m", "POST", "-T",
+           case.headers["Content-Type"], *headers, "-D", str(body), "-t", "30", "-o", "csv", case.url]  # fmt: skip
+    start = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    elapsed = time.perf_counter() - start
+    if done.returncode != 0:
+        raise FpetError(f"hey failed: {done.stderr.strip()[-300:]}")
+    rows = [line.split(",") for line in done.stdout.splitlines()[1:] if line.count(",") >= 7]
+    statuses: dict[str, int] = {}
+    for row in rows:
+        statuses[row[6]] = statuses.get(row[6], 0) + 1
+    ms = [1000 * float(row[0]) for row in rows]
+    errors = {k: v for k, v in statuses.items() if k != "200"}
+    return {"requests": len(rows), "ok": statuses.get("200", 0), "errors": errors, "seconds": elapsed,
+            "p50_ms": percentile(ms, 50), "p95_ms": percentile(ms, 95), "p99_ms": percentile(ms, 99)}  # fmt: skip
+
+
+async def run_python_async(case: Case, concurrency: int, seconds: float) -> dict:
     latencies: list[float] = []
-    errors: dict[str, int] = {}
-    counter = iter(range(count))
+    statuses: dict[str, int] = {}
+    end = time.perf_counter() + seconds
 
-    async def worker(client: httpx.AsyncClient) -> None:
-        for i in counter:
-            url, body, headers = requests[i % len(requests)]
+    async def worker(client: httpx.AsyncClient, offset: int) -> None:
+        i = offset
+        while time.perf_counter() < end:
             start = time.perf_counter()
             try:
-                code = str((await client.post(url, content=body, headers=headers)).status_code)
+                response = await client.post(case.url, content=case.bodies[i % len(case.bodies)], headers=case.headers)
+                code = str(response.status_code)
             except httpx.TransportError as exc:
                 code = type(exc).__name__
-            if code == "200":
-                latencies.append(time.perf_counter() - start)
-            else:
-                errors[code] = errors.get(code, 0) + 1
+            latencies.append(time.perf_counter() - start)
+            statuses[code] = statuses.get(code, 0) + 1
+            i += 1
 
-    limits = httpx.Limits(max_connections=concurrency)
-    async with httpx.AsyncClient(timeout=60, limits=limits) as client:
+    async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=concurrency)) as client:
         start = time.perf_counter()
-        await asyncio.gather(*(worker(client) for _ in range(concurrency)))
+        await asyncio.gather(*(worker(client, k) for k in range(concurrency)))
         elapsed = time.perf_counter() - start
-    ms = [1000 * x for x in latencies] or [float("nan")]
+    ms = [1000 * x for x in latencies]
+    return {"requests": len(latencies), "ok": statuses.get("200", 0), "seconds": elapsed,
+            "errors": {k: v for k, v in statuses.items() if k != "200"}, "p50_ms": percentile(ms, 50),
+            "p95_ms": percentile(ms, 95), "p99_ms": percentile(ms, 99)}  # fmt: skip
+
+
+def server_cpu_seconds(base: str) -> float | None:
+    for line in httpx.get(f"{base}/metrics", timeout=30).text.splitlines():
+        if line.startswith("process_cpu_seconds_total "):
+            return float(line.split()[1])
+    return None
+
+
+def run_case(case: Case, concurrency: int, seconds: float, client: str, base: str) -> dict:
+    cpu_before = server_cpu_seconds(base)
+    with tempfile.TemporaryDirectory(prefix="fpet-bench-") as folder:
+        if client == "wrk":
+            result = run_wrk(case, concurrency, seconds, Path(folder))
+        elif client == "hey":
+            result = run_hey(case, concurrency, seconds, Path(folder))
+        else:
+            result = asyncio.run(run_python_async(case, concurrency, seconds))
+    cpu_after = server_cpu_seconds(base)
+    cpu_ms = None
+    if cpu_before is not None and cpu_after is not None and result["requests"]:
+        cpu_ms = 1000 * (cpu_after - cpu_before) / result["requests"]
     return {
-        "concurrency": concurrency, "requests": count, "ok": len(latencies), "errors": errors,
-        "p50_ms": percentile(ms, 50), "p95_ms": percentile(ms, 95), "p99_ms": percentile(ms, 99),
-        "mean_ms": statistics.fmean(ms), "throughput_rps": len(latencies) / elapsed,
+        "route": case.route, "model": case.model, "concurrency": concurrency, "client": client, **result,
+        "throughput_rps": result["requests"] / result["seconds"], "goodput_rps": result["ok"] / result["seconds"],
+        "server_cpu_ms_per_request": cpu_ms,
     }  # fmt: skip
 
 
@@ -89,34 +221,45 @@ def bench_http(
     base: str,
     images: list[Path],
     concurrencies: list[int],
-    requests: int,
+    seconds: float,
     models: list[str],
     routes: tuple[str, ...] = ("classify",),
+    client: str = "auto",
 ) -> list[dict]:
-    unknown = set(routes) - set(ROUTES)
-    if unknown:
-        raise FpetError(f"unknown routes {sorted(unknown)}; choose from {', '.join(ROUTES)}")
+    client = pick_client(client)
     payloads = [path.read_bytes() for path in images]
-    prepared = {(r, m): requests_for(base, r, m, payloads) for r in routes for m in models}
-    cases = list(prepared)
+    cases = [make_case(base, route, model, payloads) for route in routes for model in models]
     rows = []
     for c in concurrencies:
         order = cases if c % 2 else list(reversed(cases))
-        asyncio.run(drive(prepared[order[0]], c, min(requests, 2 * c)))  # warm connections, untimed
-        for route, model in order:
-            rows.append({"route": route, "model": model, **asyncio.run(drive(prepared[route, model], c, requests))})
+        run_case(order[0], c, min(seconds, 1.0), client, base)  # warm connections and caches, untimed
+        rows += [run_case(case, c, seconds, client, base) for case in order]
     return rows
 
 
 def markdown(rows: list[dict]) -> str:
     lines = [
-        "| route | model | concurrency | requests | ok | errors | p50 ms | p95 ms | p99 ms | req/s |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| route | model | conc. | requests | 200 | errors | p50 ms | p95 ms | p99 ms | req/s | goodput/s "
+        "| server CPU ms/req |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        errors = ", ".join(f"{k}: {v}" for k, v in r["errors"].items()) or "0"
+        errors = ", ".join(f"{k}: {v}" for k, v in sorted(r["errors"].items())) or "0"
+        cpu = "n/a" if r["server_cpu_ms_per_request"] is None else f"{r['server_cpu_ms_per_request']:.1f}"
         lines.append(
             f"| {r['route']} | {r['model']} | {r['concurrency']} | {r['requests']} | {r['ok']} | {errors} | "
-            f"{r['p50_ms']:.1f} | {r['p95_ms']:.1f} | {r['p99_ms']:.1f} | {r['throughput_rps']:.1f} |"
+            f"{r['p50_ms']:.1f} | {r['p95_ms']:.1f} | {r['p99_ms']:.1f} | {r['throughput_rps']:.1f} | "
+            f"{r['goodput_rps']:.1f} | {cpu} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def summary(rows: list[dict]) -> str:
+    """The fpet/backbone goodput ratio per route and concurrency, when both ran."""
+    by = {(r["route"], r["concurrency"], r["model"]): r["goodput_rps"] for r in rows}
+    lines = []
+    for route, c in sorted({(r["route"], r["concurrency"]) for r in rows}):
+        fpet, backbone = by.get((route, c, "fpet")), by.get((route, c, "backbone"))
+        if fpet and backbone:
+            lines.append(f"{route} at {c}: fpet/backbone goodput {fpet / backbone:.3f}")
+    return "\n".join(lines) + ("\n" if lines else "")

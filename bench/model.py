@@ -22,6 +22,7 @@ from fpet.config import get_config, grid_size
 from fpet.cost import model_macs
 from fpet.pet import PetConfig
 from fpet.schedule import parse_schedule, plan
+from fpet.sessions import create_session
 from fpet.vit import create_model
 
 RUNTIMES = ("torch", "onnx", "torchscript")  # also "onnx-tensorrt" where onnxruntime has TensorRT
@@ -74,8 +75,6 @@ def make_runner(model, runtime: str, example: torch.Tensor, folder: Path, device
 
         return run_ts
     if runtime in ("onnx", "onnx-tensorrt"):
-        import onnxruntime as ort
-
         from export.exporter import export_onnx
 
         path = folder / f"{id(model)}.onnx"
@@ -83,10 +82,7 @@ def make_runner(model, runtime: str, example: torch.Tensor, folder: Path, device
         providers = (
             ["CUDAExecutionProvider", "CPUExecutionProvider"] if device.type == "cuda" else ["CPUExecutionProvider"]
         )
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.log_severity_level = 3
-        session = ort.InferenceSession(str(path), options, providers=providers)
+        session = create_session(path, providers)
         name = session.get_inputs()[0].name
         return lambda x: session.run(None, {name: x.cpu().numpy()})
     raise ValueError(f"unknown runtime {runtime!r}; choose from {', '.join(RUNTIMES)}")

@@ -10,19 +10,13 @@ from pathlib import Path
 import numpy as np
 
 from export.bundle import read_manifest
+from fpet.sessions import create_session
 
 LEVELS = ("ORT_ENABLE_BASIC", "ORT_ENABLE_ALL")
 
 
 def session(bundle: Path, level: str, threads: int):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
-    options.intra_op_num_threads = threads
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(bundle / read_manifest(bundle)["files"]["onnx"]), options,
-                                providers=["CPUExecutionProvider"])  # fmt: skip
+    return create_session(bundle / read_manifest(bundle)["files"]["onnx"], threads=threads, optimization=level)
 
 
 def bench_bundles(

@@ -322,16 +322,17 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_bench_http(args: argparse.Namespace) -> None:
-    from bench.http import bench_http, markdown
+    from bench.http import bench_http, markdown, summary
 
     images = [Path(p) for p in args.image] if args.image else sorted(Path("samples").glob("*.png"))
     if not images:
         from fpet.errors import FpetError
 
-        raise FpetError("no images: pass --image PATH (repeat) or run from the repository root (samples/*.png)")
-    rows = bench_http(args.url.rstrip("/"), images, [int(c) for c in args.concurrency.split(",")], args.requests,
-                      args.models.split(","), tuple(args.routes.split(",")))  # fmt: skip
+        raise FpetError("no images: give --image FILE (samples/*.png is the default, run from the repository)")
+    rows = bench_http(args.url.rstrip("/"), images, [int(c) for c in args.concurrency.split(",")], args.duration,
+                      args.models.split(","), tuple(args.routes.split(",")), args.client)  # fmt: skip
     write_results(args.out, "http_results", rows, markdown(rows))
+    print(summary(rows), end="")
 
 
 def add_bench_parser(sub: argparse._SubParsersAction) -> None:
@@ -384,19 +385,26 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_bench_onnx)
 
     p = bench.add_parser(
-        "http", help="load a running service: p50/p95/p99 and throughput per variant and concurrency",
+        "http", help="load a running service from wrk or hey: latency, throughput, errors and server CPU per request",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )  # fmt: skip
     p.add_argument("--url", default="http://127.0.0.1:8000")
     p.add_argument("--models", default="backbone,fpet")
-    p.add_argument("--concurrency", default="1,4,16")
-    p.add_argument("--requests", type=int, default=200, help="per model and concurrency")
-    p.add_argument("--image", action="append", help="PNG to send (repeat); default samples/*.png")
+    p.add_argument("--concurrency", default="1,4,16", help="closed-loop connections, comma-separated")
+    p.add_argument("--duration", type=float, default=10.0, help="seconds per model, route and concurrency")
+    p.add_argument("--image", action="append", help="image to send (repeat); default samples/*.png")
     p.add_argument(
-        "--routes", default="classify",
-        help="comma-separated: classify (PNG to /classify), oip-image (PNG as OIP BYTES), oip-pixels (OIP FP32 "
+        "--routes",
+        default="classify",
+        help="comma-separated: classify (the image to /classify), oip-image (as OIP BYTES), oip-pixels (OIP FP32 "
         "pixel_values preprocessed by the client); both OIP kinds as binary tensor data",
-    )  # fmt: skip
+    )
+    p.add_argument(
+        "--client",
+        default="auto",
+        choices=["auto", "wrk", "hey", "python"],
+        help="auto: wrk, else hey (Debian packages); python is an in-process client for where neither is",
+    )
     p.add_argument("--out", default="bench-results")
     p.set_defaults(func=cmd_bench_http)
 

@@ -29,6 +29,8 @@ from fpet.cost import model_macs
 from fpet.errors import FpetError
 from fpet.pet import PetConfig
 from fpet.schedule import tokens_per_block
+from fpet.sessions import OPTIMIZATION as ORT_OPTIMIZATION
+from fpet.sessions import create_session
 from fpet.vit import VisionTransformer
 from fpet.weights import sha256_file
 from training.checkpoint import ADAPTERS, CONFIG, METRICS, load_run
@@ -36,7 +38,6 @@ from training.data import Preprocessing
 
 OPSETS = range(14, 21)  # what torch's TorchScript-based exporter writes; LayerNormalization needs 17
 DEFAULT_OPSET = 17
-ORT_OPTIMIZATION = "ORT_ENABLE_ALL"
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
 
 
@@ -88,12 +89,7 @@ def export_torchscript(model: VisionTransformer, path: Path, example: torch.Tens
 
 
 def onnx_runner(path: Path) -> Callable[[np.ndarray], np.ndarray]:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, ORT_OPTIMIZATION)
-    options.log_severity_level = 3
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    session = create_session(path, optimization=ORT_OPTIMIZATION)
     return lambda x: session.run([OUTPUT_NAME], {INPUT_NAME: x})[0].astype(np.float32)
 
 

@@ -23,6 +23,7 @@ from export.bundle import LABELS, MANIFEST, ONNX_FILE, VARIANTS
 from export.exporter import INPUT_NAME, OUTPUT_NAME, ExportOptions, export_bundle, replace_dir
 from fpet.atomic import current_umask, write_json_atomic
 from fpet.errors import FpetError
+from fpet.sessions import create_session
 
 PIXELS, LOGITS, PROBABILITIES = "pixel_values", OUTPUT_NAME, "probabilities"
 MARK = ".fpet-triton.json"  # marks a repository this wrote, so a later export may replace it
@@ -103,13 +104,8 @@ def config_pbtxt(name: str, manifest: dict, data_type: str, options: TritonOptio
 
 def check_against_bundle(model_onnx: Path, bundle_onnx: Path, size: int, dtype: np.dtype) -> None:
     """The renamed graph computes the bundle's logits and their softmax."""
-    import onnxruntime as ort
-
     x = np.random.default_rng(0).standard_normal((2, 3, size, size)).astype(dtype)
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    ours = ort.InferenceSession(str(model_onnx), options, providers=["CPUExecutionProvider"])
-    theirs = ort.InferenceSession(str(bundle_onnx), options, providers=["CPUExecutionProvider"])
+    ours, theirs = create_session(model_onnx), create_session(bundle_onnx)
     logits, probabilities = ours.run([LOGITS, PROBABILITIES], {PIXELS: x})
     (expected,) = theirs.run([OUTPUT_NAME], {INPUT_NAME: x})
     shifted = np.exp(expected.astype(np.float64) - expected.max(axis=1, keepdims=True))

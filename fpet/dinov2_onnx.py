@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from fpet.errors import FpetError
+from fpet.sessions import create_session
 
 FEATURES_OUTPUT = "/backbone/layernorm/Add_1_output_0"  # the backbone's final LayerNorm
 _LINEAR = {
@@ -93,13 +94,10 @@ def recover_state_dict(graph_model: Any) -> dict[str, Tensor]:
 def backbone_features(graph_model: Any, images: np.ndarray) -> np.ndarray:
     """The graph's own backbone output (final LayerNorm tokens) for NCHW float32 images at 224 px."""
     import onnx
-    import onnxruntime as ort
 
     model = onnx.ModelProto()
     model.CopyFrom(graph_model)
     del model.graph.output[:]
     model.graph.output.append(onnx.helper.make_tensor_value_info(FEATURES_OUTPUT, onnx.TensorProto.FLOAT, None))
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    session = create_session(model.SerializeToString())
     return session.run([FEATURES_OUTPUT], {session.get_inputs()[0].name: images.astype(np.float32)})[0]

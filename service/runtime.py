@@ -12,6 +12,7 @@ from PIL import Image
 
 from export.bundle import read_manifest
 from fpet.imaging import normalize, resize_rgb
+from fpet.sessions import OPTIMIZATION, create_session
 
 log = logging.getLogger("fpet.service")
 CUDA, CPU = "CUDAExecutionProvider", "CPUExecutionProvider"
@@ -31,7 +32,6 @@ class ModelRunner:
     """A loaded bundle. `run` is called from a worker thread; onnxruntime releases the GIL while it computes."""
 
     def __init__(self, bundle: str | Path, providers: str = "auto", threads: int = 0):
-        import onnxruntime as ort
 
         start = time.perf_counter()
         self.bundle = Path(bundle)
@@ -41,17 +41,10 @@ class ModelRunner:
         pre = self.manifest["preprocessing"]
         self.img_size, self.mean, self.std = pre["img_size"], pre["mean"], pre["std"]
         self.dtype = np.float16 if self.manifest["precision"] == "fp16" else np.float32
-        options = ort.SessionOptions()
-        options.graph_optimization_level = getattr(
-            ort.GraphOptimizationLevel,
-            self.manifest.get("onnxruntime", {}).get("graph_optimization_level", "ORT_ENABLE_ALL"),
-        )
-        options.log_severity_level = 3
-        if threads:
-            options.intra_op_num_threads = threads
         self.requested = requested_providers(providers)
-        self.session = ort.InferenceSession(
-            str(self.bundle / self.manifest["files"]["onnx"]), options, providers=self.requested
+        optimization = self.manifest.get("onnxruntime", {}).get("graph_optimization_level", OPTIMIZATION)
+        self.session = create_session(
+            self.bundle / self.manifest["files"]["onnx"], self.requested, threads, optimization
         )
         self.provider: str = self.session.get_providers()[0]
         self.fell_back = self.requested[0] == CUDA and self.provider != CUDA
