@@ -190,15 +190,24 @@ async def run_python_async(case: Case, concurrency: int, seconds: float) -> dict
             "p95_ms": percentile(ms, 95), "p99_ms": percentile(ms, 99)}  # fmt: skip
 
 
-def server_cpu_seconds(base: str) -> float | None:
+STAGES = ("decode", "preprocess", "queue", "inference")
+
+
+def server_counters(base: str, model: str) -> dict[str, float]:
+    """The server's CPU seconds and, per stage, the summed seconds and count of its histograms."""
+    found = {}
     for line in httpx.get(f"{base}/metrics", timeout=30).text.splitlines():
         if line.startswith("process_cpu_seconds_total "):
-            return float(line.split()[1])
-    return None
+            found["cpu"] = float(line.split()[1])
+        for stage in STAGES:
+            for part in ("sum", "count"):
+                if line.startswith(f'fpet_stage_duration_seconds_{part}{{model="{model}",stage="{stage}"}} '):
+                    found[f"{stage}_{part}"] = float(line.split()[1])
+    return found
 
 
 def run_case(case: Case, concurrency: int, seconds: float, client: str, base: str) -> dict:
-    cpu_before = server_cpu_seconds(base)
+    before = server_counters(base, case.model)
     with tempfile.TemporaryDirectory(prefix="fpet-bench-") as folder:
         if client == "wrk":
             result = run_wrk(case, concurrency, seconds, Path(folder))
@@ -206,14 +215,19 @@ def run_case(case: Case, concurrency: int, seconds: float, client: str, base: st
             result = run_hey(case, concurrency, seconds, Path(folder))
         else:
             result = asyncio.run(run_python_async(case, concurrency, seconds))
-    cpu_after = server_cpu_seconds(base)
+    after = server_counters(base, case.model)
     cpu_ms = None
-    if cpu_before is not None and cpu_after is not None and result["requests"]:
-        cpu_ms = 1000 * (cpu_after - cpu_before) / result["requests"]
+    if "cpu" in before and "cpu" in after and result["requests"]:
+        cpu_ms = 1000 * (after["cpu"] - before["cpu"]) / result["requests"]
+    stages_ms = {}
+    for stage in STAGES:
+        count = after.get(f"{stage}_count", 0) - before.get(f"{stage}_count", 0)
+        if count:
+            stages_ms[stage] = 1000 * (after[f"{stage}_sum"] - before.get(f"{stage}_sum", 0)) / count
     return {
         "route": case.route, "model": case.model, "concurrency": concurrency, "client": client, **result,
         "throughput_rps": result["requests"] / result["seconds"], "goodput_rps": result["ok"] / result["seconds"],
-        "server_cpu_ms_per_request": cpu_ms,
+        "server_cpu_ms_per_request": cpu_ms, "stages_ms": stages_ms,
     }  # fmt: skip
 
 
@@ -240,8 +254,8 @@ def bench_http(
 def markdown(rows: list[dict]) -> str:
     lines = [
         "| route | model | conc. | requests | 200 | errors | p50 ms | p95 ms | p99 ms | req/s | goodput/s "
-        "| server CPU ms/req |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| server CPU ms/req | decode / preprocess / queue / inference ms |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         errors = ", ".join(f"{k}: {v}" for k, v in sorted(r["errors"].items())) or "0"
@@ -249,9 +263,14 @@ def markdown(rows: list[dict]) -> str:
         lines.append(
             f"| {r['route']} | {r['model']} | {r['concurrency']} | {r['requests']} | {r['ok']} | {errors} | "
             f"{r['p50_ms']:.1f} | {r['p95_ms']:.1f} | {r['p99_ms']:.1f} | {r['throughput_rps']:.1f} | "
-            f"{r['goodput_rps']:.1f} | {cpu} |"
+            f"{r['goodput_rps']:.1f} | {cpu} | {' / '.join(stage_ms(r, stage) for stage in STAGES)} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def stage_ms(row: dict, stage: str) -> str:
+    value = row["stages_ms"].get(stage)
+    return "-" if value is None else f"{value:.1f}"
 
 
 def summary(rows: list[dict]) -> str:
