@@ -19,7 +19,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
+from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import fpet
 from service import lifecycle, metrics
@@ -72,6 +74,42 @@ def add_offline_docs(app: FastAPI) -> None:
         )  # fmt: skip
 
 
+class RequestContext:
+    """Request id and Server-Timing on every answer, `Connection: close` on every answer while draining, and the
+    in-flight count the drain waits on. Plain ASGI: Starlette's BaseHTTPMiddleware costs a task and a stream per
+    request, which under overload is CPU taken from inference."""
+
+    def __init__(self, app: ASGIApp, state: State):
+        self.app, self.state = app, state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        incoming = next((v for k, v in scope["headers"] if k == b"x-request-id"), b"").decode("latin-1")
+        request_id = incoming if 0 < len(incoming) <= 128 and incoming.isprintable() else uuid.uuid4().hex
+        timing: dict[str, float] = {}
+        scope.setdefault("state", {}).update(request_id=request_id, timing=timing)
+        start = time.perf_counter()
+
+        async def send_with_context(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                timing.setdefault("total", (time.perf_counter() - start) * 1000)
+                headers = MutableHeaders(scope=message)
+                headers.append("X-Request-Id", request_id)
+                headers.append("Server-Timing", ", ".join(f"{k};dur={v:.2f}" for k, v in timing.items()))
+                if self.state.draining:
+                    headers["Connection"] = "close"
+            await send(message)
+
+        self.state.in_flight += 1
+        self.state.last_arrival = time.monotonic()
+        try:
+            await self.app(scope, receive, send_with_context)
+        finally:
+            self.state.in_flight -= 1
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     state = State(settings)
@@ -111,27 +149,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.fpet = state
 
-    @app.middleware("http")
-    async def request_context(request: Request, call_next):
-        """Request id and Server-Timing on every answer; while draining, `Connection: close` on every answer."""
-        incoming = request.headers.get("x-request-id", "")
-        request.state.request_id = incoming if 0 < len(incoming) <= 128 and incoming.isprintable() else uuid.uuid4().hex
-        request.state.timing = {}
-        state.in_flight += 1
-        state.last_arrival = time.monotonic()
-        start = time.perf_counter()
-        try:
-            response = await call_next(request)
-        finally:
-            state.in_flight -= 1
-        timing = request.state.timing
-        timing.setdefault("total", (time.perf_counter() - start) * 1000)
-        response.headers["X-Request-Id"] = request.state.request_id
-        response.headers["Server-Timing"] = ", ".join(f"{k};dur={v:.2f}" for k, v in timing.items())
-        if state.draining:
-            response.headers["Connection"] = "close"
-        return response
-
+    app.add_middleware(RequestContext, state=state)
     add_error_handlers(app)
     for router in (classify.router, oip.router, models.router, health.router):
         app.include_router(router)

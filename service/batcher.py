@@ -52,9 +52,16 @@ class Ticket:
         self._batcher, self._held = batcher, True
 
     def release(self) -> None:
-        if self._held:
-            self._held = False
+        """Give the place back (the request failed before queueing, or it is done): a waiting request gets it."""
+        if self.consume():
+            self._batcher._hand_over()
+
+    def consume(self) -> bool:
+        """The request's images take the place in the queue itself; True if the ticket still held it."""
+        held, self._held = self._held, False
+        if held:
             self._batcher._reserved -= 1
+        return held
 
 
 class MicroBatcher:
@@ -79,6 +86,7 @@ class MicroBatcher:
         self._queue: deque[_Item] = deque()
         self._running: list[_Item] = []
         self._reserved = 0
+        self._waiters: deque[asyncio.Future] = deque()
         self._arrived = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._closing = False
@@ -96,13 +104,38 @@ class MicroBatcher:
         self._task = asyncio.get_running_loop().create_task(self._loop())
         self._task.add_done_callback(self._ended)
 
-    def admit(self) -> Ticket:
-        """A place in the queue for one request, or a 429 before anything about the request is read."""
+    @property
+    def _full(self) -> bool:
+        return len(self._queue) + self._reserved >= self.max_queue
+
+    async def admit(self, wait: float = 0.0) -> Ticket:
+        """A place in the queue for one request, before anything about the request is read. When the queue is full
+        the request waits up to `wait` seconds, in line, for a place (up to `max_queue` requests wait; waiting costs
+        no CPU), then gets a 429: refusing at once would let a client that retries without pause spin the event
+        loop, taking the CPU that inference needs."""
         self._check_open()
-        if len(self._queue) + self._reserved >= self.max_queue:
+        if not self._full and not self._waiters:
+            self._reserved += 1
+            return Ticket(self)
+        if wait <= 0 or len(self._waiters) >= self.max_queue:
             raise overloaded()
-        self._reserved += 1
-        return Ticket(self)
+        place: asyncio.Future[Ticket] = asyncio.get_running_loop().create_future()
+        self._waiters.append(place)
+        try:
+            return await asyncio.wait_for(place, wait)
+        except TimeoutError:
+            raise overloaded() from None
+        finally:
+            if place in self._waiters:
+                self._waiters.remove(place)
+
+    def _hand_over(self) -> None:
+        """Give freed places to the requests waiting for one, first come first served: one wakes per place."""
+        while self._waiters and not self._full:
+            place = self._waiters.popleft()
+            if not place.done():
+                self._reserved += 1
+                place.set_result(Ticket(self))
 
     async def stop(self, timeout: float = 30.0) -> None:
         """Refuse new work, run what is queued for up to `timeout`, then answer whatever is left with a 503."""
@@ -118,7 +151,7 @@ class MicroBatcher:
 
     async def submit(self, images: list[np.ndarray], deadline: float, ticket: Ticket | None = None) -> list[Result]:
         if ticket is not None:
-            ticket.release()
+            ticket.consume()
         self._check_open()
         if len(self._queue) + self._reserved + len(images) > self.max_queue:
             raise overloaded()
@@ -146,6 +179,10 @@ class MicroBatcher:
         self._queue.clear()
         self._running = []
         self.on_queue(0)
+        for place in self._waiters:  # waiting requests hear that the batcher is closed or failed
+            if not place.done():
+                place.set_exception(error)
+        self._waiters.clear()
 
     def _ended(self, task: asyncio.Task) -> None:
         """The loop returned: on stop, as it should; otherwise it died, and everything waiting on it must hear so."""
@@ -179,6 +216,7 @@ class MicroBatcher:
             except TimeoutError:
                 break
         self.on_queue(len(self._queue))
+        self._hand_over()
         return batch
 
     async def _loop(self) -> None:

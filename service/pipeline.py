@@ -64,7 +64,7 @@ async def admitted(request: Request, state: State, model: str) -> AsyncIterator[
     """Key, readiness and a place in the model's queue, all before the body is read: overload costs a 429 only."""
     check_key(request, state.settings)
     state.check_serving()
-    ticket = state.batchers[model].admit()
+    ticket = await state.batchers[model].admit(state.settings.admission_wait_ms / 1000)
     try:
         yield ticket
     finally:

@@ -25,6 +25,9 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(0, ge=0, description="largest batch per model (0: 32 on a GPU, 8 on a CPU)")
     max_delay_ms: float = Field(2.0, ge=0, description="longest wait to fill a batch, only under load")
     max_queue_images: int = Field(64, ge=1, description="queued images per model before 429")
+    admission_wait_ms: float = Field(
+        250.0, ge=0, description="how long a request may wait for a place in a full queue before its 429"
+    )
     deadline_ms: float = Field(10_000, gt=0, description="a request still queued after this is dropped with 504")
     max_bytes: int = Field(8 * 2**20, gt=0, description="largest request body")
     max_pixels: int = Field(40_000_000, gt=0, description="largest decoded image (decompression-bomb guard)")

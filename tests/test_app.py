@@ -195,7 +195,8 @@ def test_a_full_queue_refuses_before_reading_or_decoding(tiny_bundles):
     is refused even when its body is not an image (it was never read)."""
     import threading
 
-    settings = Settings(bundles=[str(tiny_bundles["fpet"])], providers="cpu", max_queue_images=1, max_batch_size=1)
+    settings = Settings(bundles=[str(tiny_bundles["fpet"])], providers="cpu", max_queue_images=1, max_batch_size=1,
+                        admission_wait_ms=0)  # fmt: skip
     with TestClient(create_app(settings), raise_server_exceptions=False) as client:
         batcher = client.app.state.fpet.batchers["fpet"]
         run_batch = batcher.run_batch

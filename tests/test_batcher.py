@@ -129,14 +129,14 @@ def test_admission_holds_places_until_the_images_are_queued():
     runner = FakeRunner(seconds=0.2)
 
     async def body(batcher):
-        tickets = [batcher.admit() for _ in range(3)]
+        tickets = [await batcher.admit() for _ in range(3)]
         with pytest.raises(ServiceError) as full:
-            batcher.admit()  # refused before the request was read: three places are taken
+            await batcher.admit()  # refused before the request was read: three places are taken
         tickets[0].release()
         tickets[0].release()  # releasing twice frees one place, not two
-        again = batcher.admit()
+        again = await batcher.admit()
         with pytest.raises(ServiceError):
-            batcher.admit()
+            await batcher.admit()
         results = await asyncio.gather(*(batcher.submit(images(1), time.perf_counter() + 5, t)
                                          for t in (tickets[1], tickets[2], again)))  # fmt: skip
         return full.value, results
@@ -186,7 +186,7 @@ def test_a_dead_loop_fails_its_requests_flips_readiness_and_refuses_the_next():
         with pytest.raises(ServiceError) as first:
             await batcher.submit(images(1), time.perf_counter() + 5)
         with pytest.raises(ServiceError) as later:
-            batcher.admit()
+            await batcher.admit()
         return first.value, later.value
 
     first, later = run(with_batcher(FakeRunner(), body, on_failure=failures.append))
@@ -206,3 +206,45 @@ def test_no_wait_outlives_the_deadline_and_its_grace():
 
     error, seconds = run(with_batcher(runner, body, answer_grace=0.1))
     assert error.status == 504 and seconds < 0.6
+
+
+def test_a_full_queue_lets_a_request_wait_for_a_place_then_refuses_it():
+    runner = FakeRunner(seconds=0.3)
+
+    async def body(batcher):
+        running = asyncio.ensure_future(batcher.submit(images(1), time.perf_counter() + 5))
+        await asyncio.sleep(0.05)  # running; the queue (one place) is free
+        queued = asyncio.ensure_future(batcher.submit(images(1), time.perf_counter() + 5))
+        await asyncio.sleep(0)
+        start = time.perf_counter()
+        ticket = await batcher.admit(wait=1.0)  # the queued image enters the next batch: a place frees up
+        waited = time.perf_counter() - start
+        with pytest.raises(ServiceError) as refused:
+            await batcher.admit(wait=0.1)  # this one finds no place within its wait
+        refused_after = time.perf_counter() - start - waited
+        result = await batcher.submit(images(1), time.perf_counter() + 5, ticket)
+        await asyncio.gather(running, queued)
+        return waited, refused.value, refused_after, result
+
+    waited, refused, refused_after, result = run(with_batcher(runner, body, max_queue=1, max_batch=1))
+    assert 0.15 < waited < 0.6 and len(result) == 1
+    assert refused.status == 429 and 0.09 < refused_after < 0.5
+
+
+def test_no_more_requests_wait_than_the_queue_holds():
+    async def body(batcher):
+        held = [await batcher.admit() for _ in range(2)]  # the queue's two places
+        waiters = [asyncio.ensure_future(batcher.admit(wait=0.5)) for _ in range(2)]
+        await asyncio.sleep(0.01)
+        start = time.perf_counter()
+        with pytest.raises(ServiceError) as extra:
+            await batcher.admit(wait=0.5)  # two wait already, as many as the queue holds: refused at once
+        quick = time.perf_counter() - start
+        for ticket in held:
+            ticket.release()
+        outcomes = await asyncio.gather(*waiters, return_exceptions=True)
+        return extra.value, quick, outcomes
+
+    extra, quick, outcomes = run(with_batcher(FakeRunner(), body, max_queue=2))
+    assert extra.status == 429 and quick < 0.05
+    assert not [o for o in outcomes if isinstance(o, BaseException)]  # both waiters got the freed places
