@@ -13,7 +13,8 @@ CPU = ("CPUExecutionProvider",)
 def create_session(
     model: str | Path | bytes, providers: Sequence[str] = CPU, threads: int = 0, optimization: str = OPTIMIZATION
 ):
-    """threads 0: onnxruntime's own choice (one per physical core). Spinning stays onnxruntime's default (on)."""
+    """threads 0: onnxruntime's own choice (one per physical core). Idle intra-op threads sleep instead of spinning:
+    in the service they share the cores with decoding and the event loop, which need that CPU."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -21,5 +22,5 @@ def create_session(
     options.log_severity_level = 3
     if threads:
         options.intra_op_num_threads = threads
-    options.add_session_config_entry("session.intra_op.allow_spinning", "1")
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(model if isinstance(model, bytes) else str(model), options, providers=list(providers))

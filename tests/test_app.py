@@ -77,11 +77,20 @@ def test_same_answer_as_pytorch_through_the_same_preprocessing(client, tiny_bund
         assert p["score"] == pytest.approx(float(expected[p["index"]]), abs=1e-4)
 
 
-def test_compare_runs_every_variant_on_the_same_image(client):
+def test_compare_runs_every_variant_on_the_same_image_and_is_counted(client):
+    answered = 'fpet_requests_total{code="200",model="compare"}'
+    refused = 'fpet_request_errors_total{model="compare",reason="invalid_image"}'
+    before = client.get("/metrics").text
     body = client.post("/classify/compare", content=jpeg(), headers={"Content-Type": "image/jpeg"}).json()
     assert set(body["models"]) == {"fpet", "backbone"}
     assert isinstance(body["top1_agreement"], bool) and body["speedup"] > 0
     assert body["models"]["fpet"]["inference_ms_per_image"] > 0
+    bad = client.post("/classify/compare", content=b"not an image", headers={"Content-Type": "image/jpeg"})
+    assert bad.status_code == 400
+    after = client.get("/metrics").text
+    assert metric(after, answered) == metric(before, answered) + 1
+    assert metric(after, refused) == metric(before, refused) + 1
+    assert 'fpet_request_duration_seconds_count{model="compare"' in after
 
 
 def test_health_and_metadata(client):
@@ -262,7 +271,7 @@ def test_service_preprocessing_equals_training_preprocessing():
     pre = Preprocessing(32, normalize="imagenet")
     d = pre.to_dict()
     ours = normalize(resize_rgb(image, 32)[None], d["mean"], d["std"])
-    theirs = pre.to_input(torch.from_numpy(pre.resize_image(image))[None]).numpy()
+    theirs = pre.to_input(torch.from_numpy(pre.resize_image(image).copy())[None]).numpy()
     np.testing.assert_allclose(ours, theirs, atol=1e-6)
 
 
