@@ -14,6 +14,7 @@ import asyncio
 import io
 import json
 import shutil
+import statistics
 import subprocess
 import tempfile
 import time
@@ -239,16 +240,45 @@ def bench_http(
     models: list[str],
     routes: tuple[str, ...] = ("classify",),
     client: str = "auto",
+    repeats: int = 1,
 ) -> list[dict]:
+    """One row per case and concurrency: medians over `repeats` rounds, the cases' order alternating every round so
+    that machine drift and position hit every case alike; `rounds` keeps each round's figures."""
     client = pick_client(client)
     payloads = [path.read_bytes() for path in images]
     cases = [make_case(base, route, model, payloads) for route in routes for model in models]
     rows = []
     for c in concurrencies:
-        order = cases if c % 2 else list(reversed(cases))
-        run_case(order[0], c, min(seconds, 1.0), client, base)  # warm connections and caches, untimed
-        rows += [run_case(case, c, seconds, client, base) for case in order]
+        run_case(cases[0], c, min(seconds, 1.0), client, base)  # warm connections and caches, untimed
+        rounds: dict[int, list[dict]] = {i: [] for i in range(len(cases))}
+        for r in range(repeats):
+            order = list(enumerate(cases))
+            if (r + c) % 2 == 0:
+                order.reverse()
+            for i, case in order:
+                rounds[i].append(run_case(case, c, seconds, client, base))
+        rows += [median_row(rounds[i]) for i in range(len(cases))]
     return rows
+
+
+def median_row(rounds: list[dict]) -> dict:
+    first = rounds[0]
+    medians = {key: statistics.median(r[key] for r in rounds)
+               for key in ("p50_ms", "p95_ms", "p99_ms", "throughput_rps", "goodput_rps", "seconds")}  # fmt: skip
+    cpu = [r["server_cpu_ms_per_request"] for r in rounds if r["server_cpu_ms_per_request"] is not None]
+    errors: dict[str, int] = {}
+    for r in rounds:
+        for k, v in r["errors"].items():
+            errors[k] = errors.get(k, 0) + v
+    stages = {stage: statistics.median(r["stages_ms"][stage] for r in rounds if stage in r["stages_ms"])
+              for stage in STAGES if any(stage in r["stages_ms"] for r in rounds)}  # fmt: skip
+    return {
+        "route": first["route"], "model": first["model"], "concurrency": first["concurrency"],
+        "client": first["client"], "repeats": len(rounds), **medians,
+        "requests": sum(r["requests"] for r in rounds), "ok": sum(r["ok"] for r in rounds), "errors": errors,
+        "server_cpu_ms_per_request": statistics.median(cpu) if cpu else None, "stages_ms": stages,
+        "rounds": [{k: r[k] for k in ("goodput_rps", "throughput_rps", "p50_ms")} for r in rounds],
+    }  # fmt: skip
 
 
 def markdown(rows: list[dict]) -> str:
@@ -274,11 +304,14 @@ def stage_ms(row: dict, stage: str) -> str:
 
 
 def summary(rows: list[dict]) -> str:
-    """The fpet/backbone goodput ratio per route and concurrency, when both ran."""
-    by = {(r["route"], r["concurrency"], r["model"]): r["goodput_rps"] for r in rows}
+    """The fpet/backbone goodput ratio per route and concurrency (of the medians, and per round), when both ran."""
+    by = {(r["route"], r["concurrency"], r["model"]): r for r in rows}
     lines = []
     for route, c in sorted({(r["route"], r["concurrency"]) for r in rows}):
         fpet, backbone = by.get((route, c, "fpet")), by.get((route, c, "backbone"))
-        if fpet and backbone:
-            lines.append(f"{route} at {c}: fpet/backbone goodput {fpet / backbone:.3f}")
+        if fpet and backbone and backbone["goodput_rps"]:
+            pairs = zip(fpet["rounds"], backbone["rounds"], strict=True)
+            per_round = ", ".join(f"{f['goodput_rps'] / b['goodput_rps']:.3f}" for f, b in pairs if b["goodput_rps"])
+            ratio = fpet["goodput_rps"] / backbone["goodput_rps"]
+            lines.append(f"{route} at {c}: fpet/backbone goodput {ratio:.3f} (rounds: {per_round})")
     return "\n".join(lines) + ("\n" if lines else "")

@@ -330,7 +330,7 @@ def cmd_bench_http(args: argparse.Namespace) -> None:
 
         raise FpetError("no images: give --image FILE (samples/*.png is the default, run from the repository)")
     rows = bench_http(args.url.rstrip("/"), images, [int(c) for c in args.concurrency.split(",")], args.duration,
-                      args.models.split(","), tuple(args.routes.split(",")), args.client)  # fmt: skip
+                      args.models.split(","), tuple(args.routes.split(",")), args.client, args.repeats)  # fmt: skip
     write_results(args.out, "http_results", rows, markdown(rows))
     print(summary(rows), end="")
 
@@ -392,6 +392,7 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--models", default="backbone,fpet")
     p.add_argument("--concurrency", default="1,4,16", help="closed-loop connections, comma-separated")
     p.add_argument("--duration", type=float, default=10.0, help="seconds per model, route and concurrency")
+    p.add_argument("--repeats", type=int, default=1, help="interleaved rounds per case; the table shows medians")
     p.add_argument("--image", action="append", help="image to send (repeat); default samples/*.png")
     p.add_argument(
         "--routes",

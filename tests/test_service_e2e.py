@@ -164,12 +164,13 @@ def test_http_benchmark_drives_wrk_and_hey(server, tmp_path):
     for client in ("wrk", "hey", "python"):
         if client != "python" and shutil.which(client) is None:
             pytest.skip(f"{client} is not installed (apt-get install {client})")
-        rows = bench_http(server, [image], [1, 2], 1.0, ["backbone", "fpet"], client=client)
-        assert [(r["model"], r["concurrency"]) for r in rows] == [
-            ("backbone", 1), ("fpet", 1), ("fpet", 2), ("backbone", 2)]  # fmt: skip
+        rows = bench_http(server, [image], [1, 2], 1.0, ["backbone", "fpet"], client=client, repeats=2)
+        assert [(r["model"], r["concurrency"], len(r["rounds"])) for r in rows] == [
+            ("backbone", 1, 2), ("fpet", 1, 2), ("backbone", 2, 2), ("fpet", 2, 2)]  # fmt: skip
         assert all(r["ok"] > 0 and r["ok"] == r["requests"] and not r["errors"] for r in rows), (client, rows)
         assert all(r["server_cpu_ms_per_request"] > 0 for r in rows)
-        assert "| classify | fpet | 2 |" in markdown(rows) and "classify at 2: fpet/backbone goodput" in summary(rows)
+        assert "| classify | fpet | 2 |" in markdown(rows)
+        assert "classify at 2: fpet/backbone goodput" in summary(rows) and "(rounds: " in summary(rows)
     rows = bench_http(server, [image], [1], 1.0, ["fpet"], ("classify", "oip-image", "oip-pixels"), client="wrk")
     assert [r["route"] for r in rows] == ["classify", "oip-image", "oip-pixels"]
     assert all(r["ok"] > 0 and not r["errors"] for r in rows), rows
