@@ -41,7 +41,6 @@ class Requested:
 @dataclass(frozen=True)
 class InferRequest:
     id: str | None
-    input_name: str
     images: list[bytes] | None  # `image`: encoded files
     pixels: np.ndarray | None  # `pixel_values`: [N, 3, H, W]
     outputs: list[Requested]
@@ -206,9 +205,9 @@ def parse_request(body: bytes, header_length: str | None, img_size: int) -> Infe
         raise bad("`id` must be a string")
     name = tensor.get("name")
     if name == IMAGE:
-        return InferRequest(request_id, name, read_images(tensor, binary), None, read_outputs(payload))
+        return InferRequest(request_id, read_images(tensor, binary), None, read_outputs(payload))
     if name == PIXELS:
-        return InferRequest(request_id, name, None, read_pixels(tensor, binary, img_size), read_outputs(payload))
+        return InferRequest(request_id, None, read_pixels(tensor, binary, img_size), read_outputs(payload))
     raise bad(f"unknown input {name!r}; inputs: {IMAGE!r} (BYTES) or {PIXELS!r} (FP32)")
 
 

@@ -140,16 +140,17 @@ def deadline_of(request: Request, settings: Settings, start: float) -> float:
     return start + budget / 1000
 
 
+def decode_all(raw: list[bytes], settings: Settings, size: int) -> list:
+    """RGB images, decoded at (at least) `size`; runs in a worker thread."""
+    return [decode_image(data, settings.max_pixels, size) for data in raw]
+
+
 async def decoded(request: Request, state: State, raw: list[bytes], size: int) -> list:
-    """RGB images, decoded at (at least) `size` in a worker thread; as many requests at once as there are cores."""
-
-    def work() -> list:
-        return [decode_image(d, state.settings.max_pixels, size) for d in raw]
-
-    t = time.perf_counter()
+    """Decoded images, in a worker thread; as many requests decode at once as there are cores."""
     async with state.decode_slots:
-        images = await asyncio.to_thread(work)
-    request.state.timing["decode"] = (time.perf_counter() - t) * 1000
+        t = time.perf_counter()
+        images = await asyncio.to_thread(decode_all, raw, state.settings, size)
+        request.state.timing["decode"] = (time.perf_counter() - t) * 1000
     return images
 
 
@@ -159,7 +160,7 @@ async def prepared(request: Request, state: State, runner: ModelRunner, raw: lis
 
     def work() -> list[np.ndarray]:
         t = time.perf_counter()
-        images = [decode_image(d, state.settings.max_pixels, runner.img_size) for d in raw]
+        images = decode_all(raw, state.settings, runner.img_size)
         t2 = time.perf_counter()
         arrays = [runner.preprocess(image) for image in images]
         timing["decode"], timing["preprocess"] = (t2 - t) * 1000, (time.perf_counter() - t2) * 1000
