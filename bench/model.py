@@ -20,13 +20,38 @@ import torch
 
 from fpet.config import get_config, grid_size
 from fpet.cost import model_macs
+from fpet.errors import FpetError
 from fpet.pet import PetConfig
 from fpet.schedule import parse_schedule, plan
 from fpet.sessions import create_session
 from fpet.vit import create_model
 
 RUNTIMES = ("torch", "onnx", "torchscript")  # also "onnx-tensorrt" where onnxruntime has TensorRT
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# int8 models are fp32 graphs quantized by onnxruntime (export.quantize): onnx runtimes only
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "int8": torch.float32}
+CPU, CUDA, TENSORRT = "CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider"
+
+
+def ort_providers(runtime: str, device: torch.device) -> list[str]:
+    """What to ask onnxruntime for; an error where it cannot give it, so results are never mislabelled."""
+    import onnxruntime as ort
+
+    if runtime == "onnx":
+        return [CUDA, CPU] if device.type == "cuda" else [CPU]
+    if device.type != "cuda":
+        raise FpetError("onnx-tensorrt runs on a GPU: add --device cuda")
+    if TENSORRT not in ort.get_available_providers():
+        raise FpetError(
+            f"onnx-tensorrt needs onnxruntime-gpu with TensorRT ({TENSORRT}); this onnxruntime has "
+            f"{', '.join(ort.get_available_providers())}"
+        )
+    return [TENSORRT, CUDA, CPU]
+
+
+def runs_in(runtime: str, precision: str) -> bool:
+    if precision == "int8":
+        return runtime.startswith("onnx")
+    return not (runtime.startswith("onnx") and precision == "bf16")  # onnxruntime has no bf16 kernels for these
 
 
 class MergeTimer:
@@ -52,7 +77,9 @@ class MergeTimer:
         self.seconds += time.perf_counter() - self._start
 
 
-def make_runner(model, runtime: str, example: torch.Tensor, folder: Path, device: torch.device):
+def make_runner(
+    model, runtime: str, example: torch.Tensor, folder: Path, device: torch.device, precision: str = "fp32"
+):
     """A callable running one batch to completion in the given runtime."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     if runtime == "torch":
@@ -77,12 +104,22 @@ def make_runner(model, runtime: str, example: torch.Tensor, folder: Path, device
     if runtime in ("onnx", "onnx-tensorrt"):
         from export.exporter import export_onnx
 
-        path = folder / f"{id(model)}.onnx"
-        export_onnx(model, path, example, 17)
-        providers = (
-            ["CUDAExecutionProvider", "CPUExecutionProvider"] if device.type == "cuda" else ["CPUExecutionProvider"]
-        )
+        providers = ort_providers(runtime, device)
+        path = folder / f"{id(model)}-{runtime}.onnx"
+        export_onnx(model.set_fused_attention(False), path, example, 17)
+        if precision == "int8":
+            from export.quantize import quantize_int8
+
+            quantized = path.with_suffix(".int8.onnx")
+            if runtime == "onnx-tensorrt":  # TensorRT takes int8 as QDQ with calibrated ranges
+                calibration = torch.rand(16, *example.shape[1:]).numpy()
+                quantize_int8(path, quantized, "static", calibration)
+            else:
+                quantize_int8(path, quantized, "dynamic")
+            path = quantized
         session = create_session(path, providers)
+        if session.get_providers()[0] != providers[0]:
+            raise FpetError(f"{runtime}: onnxruntime fell back to {session.get_providers()[0]} from {providers[0]}")
         name = session.get_inputs()[0].name
         return lambda x: session.run(None, {name: x.cpu().numpy()})
     raise ValueError(f"unknown runtime {runtime!r}; choose from {', '.join(RUNTIMES)}")
@@ -112,6 +149,8 @@ def bench_model(
     min_seconds: float = 0.5,
     log: Callable[[str], None] = print,
 ) -> list[dict]:
+    if device == "cuda" and not torch.cuda.is_available():
+        raise FpetError("--device cuda: this torch has no CUDA (install a CUDA build of torch on a GPU machine)")
     torch.set_num_threads(threads)
     target = torch.device(device)
     dtype = DTYPES[precision]
@@ -131,12 +170,12 @@ def bench_model(
             runners, timers = {}, {}
             for spec, model in models.items():
                 for runtime in runtimes:
-                    if runtime.startswith("onnx") and precision == "bf16":
-                        continue  # onnxruntime has no bf16 kernels for these ops
-                    instance = copy.deepcopy(model) if runtime == "torch" else model
+                    if not runs_in(runtime, precision):
+                        continue
+                    instance = copy.deepcopy(model)
                     if runtime == "torch":
                         timers[spec] = MergeTimer(instance, target)
-                    runners[(spec, runtime)] = make_runner(instance, runtime, x, Path(tmp), target)
+                    runners[(spec, runtime)] = make_runner(instance, runtime, x, Path(tmp), target, precision)
                     runners[(spec, runtime)](x)  # warm-up
             samples: dict[tuple, list[float]] = {key: [] for key in runners}
             merge_share: dict[str, list[float]] = {spec: [] for spec in timers}

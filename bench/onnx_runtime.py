@@ -1,8 +1,10 @@
 """onnxruntime speed of exported bundles, side by side: median ms per image per bundle, batch size and
-graph-optimisation level, with the runs interleaved so that machine drift hits every bundle alike."""
+graph-optimisation level, with the runs interleaved so that machine drift hits every bundle alike; optionally each
+bundle's accuracy on a labelled split, so that a faster precision shows what it costs."""
 
 from __future__ import annotations
 
+import json
 import statistics
 import time
 from pathlib import Path
@@ -10,9 +12,15 @@ from pathlib import Path
 import numpy as np
 
 from export.bundle import read_manifest
+from fpet.errors import FpetError
 from fpet.sessions import create_session
 
 LEVELS = ("ORT_ENABLE_BASIC", "ORT_ENABLE_ALL")
+
+
+def precision(manifest: dict) -> str:
+    quantization = manifest.get("quantization")
+    return f"{manifest['precision']} {quantization['mode']}" if quantization else manifest["precision"]
 
 
 def session(bundle: Path, level: str, threads: int):
@@ -49,7 +57,8 @@ def bench_bundles(
     rows = []
     for (i, level, batch), ms in samples.items():
         rows.append({
-            "bundle": str(bundles[i]), "variant": manifests[i]["variant"], "schedule": manifests[i]["schedule"],
+            "bundle": str(bundles[i]), "variant": manifests[i]["variant"], "precision": precision(manifests[i]),
+            "schedule": manifests[i]["schedule"],
             "gmacs": manifests[i]["gmacs"], "optimization": level, "batch_size": batch,
             "ms_per_image": statistics.median(ms), "ms_range": [min(ms), max(ms)],
             "images_per_s": 1000 / statistics.median(ms),
@@ -62,16 +71,40 @@ def bench_bundles(
     return rows
 
 
+def bundle_accuracy(bundle: Path, data: Path, split: str = "test", batch_size: int = 64, threads: int = 2) -> dict:
+    """Top-1 accuracy of a bundle on every image of a split, through the bundle's own preprocessing."""
+    from training.data import Preprocessing, open_split
+
+    manifest = read_manifest(bundle)
+    labels = json.loads((bundle / manifest["files"]["labels"]).read_text())
+    source = open_split(data, split, classes=labels)
+    if source is None:
+        raise FpetError(f"{data} has no {split} split")
+    pre = Preprocessing.from_dict(manifest["preprocessing"])
+    sess = session(bundle, manifest.get("onnxruntime", {}).get("graph_optimization_level", LEVELS[-1]), threads)
+    dtype = np.float16 if manifest["precision"] == "fp16" else np.float32
+    correct = total = 0
+    for start in range(0, len(source), batch_size):
+        decoded = source.decode(range(start, min(start + batch_size, len(source))), pre)
+        x = pre.to_input(decoded.pixels).numpy().astype(dtype)
+        logits = sess.run(None, {sess.get_inputs()[0].name: x})[0]
+        correct += int((logits.argmax(-1) == decoded.labels.numpy()).sum())
+        total += len(decoded)
+    return {"split": split, "images": total, "accuracy": 100 * correct / total}
+
+
 def markdown(rows: list[dict]) -> str:
     lines = [
-        "| variant | schedule | GMACs | ORT optimisation | batch | ms/image (median) | range | speedup | ideal |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| variant | precision | schedule | GMACs | ORT optimisation | batch | ms/image (median) | range | speedup | "
+        "ideal | accuracy |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in sorted(rows, key=lambda r: (r["optimization"], r["batch_size"], r["bundle"])):
         lo, hi = r["ms_range"]
+        accuracy = f"{r['accuracy']['accuracy']:.2f}%" if r.get("accuracy") else "-"
         lines.append(
-            f"| {r['variant']} | `{r['schedule']}` | {r['gmacs']:.3f} | {r['optimization']} | {r['batch_size']} | "
-            f"{r['ms_per_image']:.2f} | {lo:.2f}-{hi:.2f} | {r['speedup_vs_first']:.2f}x | "
-            f"{r['ideal_speedup_vs_first']:.2f}x |"
+            f"| {r['variant']} | {r['precision']} | `{r['schedule']}` | {r['gmacs']:.3f} | {r['optimization']} | "
+            f"{r['batch_size']} | {r['ms_per_image']:.2f} | {lo:.2f}-{hi:.2f} | {r['speedup_vs_first']:.2f}x | "
+            f"{r['ideal_speedup_vs_first']:.2f}x | {accuracy} |"
         )
     return "\n".join(lines) + "\n"

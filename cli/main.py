@@ -163,7 +163,8 @@ def cmd_export(args: argparse.Namespace) -> None:
         return
     if not args.run or not args.out:
         raise FpetError("give RUN_DIR and --out BUNDLE_DIR, or --default")
-    formats = tuple(f.strip() for f in args.format.split(",") if f.strip())
+    default_format = "onnx" if args.precision == "int8" else "onnx,torchscript"
+    formats = tuple(f.strip() for f in (args.format or default_format).split(",") if f.strip())
     if "triton" in formats:
         if formats != ("triton",):
             raise FpetError("--format triton writes a whole model repository: give it alone")
@@ -179,7 +180,10 @@ def cmd_export(args: argparse.Namespace) -> None:
         return
     from export.exporter import ExportOptions, export_bundle
 
-    options = ExportOptions(variant=args.variant, formats=formats, precision=args.precision, opset=args.opset)
+    options = ExportOptions(
+        variant=args.variant, formats=formats, precision=args.precision, opset=args.opset,
+        quantization=args.quantization,
+    )  # fmt: skip
     manifest = export_bundle(args.run, args.out, options, log=log)
     for fmt, result in manifest["verification"]["formats"].items():
         log(f"{fmt}: max abs error {result['max_abs_error']:.2e}, top-1 agreement {result['top1_agreement']:.3f}")
@@ -199,12 +203,19 @@ def add_export_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--format",
-        default="onnx,torchscript",
-        help="comma-separated: onnx, torchscript; or triton alone: a Triton model repository with both variants",
+        help="comma-separated: onnx, torchscript; or triton alone: a Triton model repository with both variants "
+        "(default: onnx,torchscript; onnx for int8)",
     )
     p.add_argument(
-        "--precision", default="fp32", help="fp32 or fp16 (fp16 is for GPUs; checked here on the CPU provider)"
+        "--precision",
+        default="fp32",
+        help="fp32, fp16 (for GPUs; checked here on the CPU provider) or int8 (onnxruntime quantization of the "
+        "linear layers, for CPUs; verified on held-out images of the run's data when it is here)",
     )
+    p.add_argument(
+        "--quantization", default="dynamic", choices=["dynamic", "static"],
+        help="with --precision int8: activations quantized per call, or calibrated on 128 of the run's training images",
+    )  # fmt: skip
     p.add_argument("--opset", type=int, default=17, help="ONNX opset, 14..20")
     p.add_argument("--default", action="store_true", help="build both bundles of the default model into the cache")
     p.add_argument("--force", action="store_true", help="with --default: rebuild even when up to date")
@@ -267,6 +278,15 @@ def cmd_bench_onnx(args: argparse.Namespace) -> None:
     rows = bench_bundles(
         bundles, [int(b) for b in args.batch_sizes.split(",")], repeats=args.repeats, threads=args.threads
     )
+    if args.data:
+        from bench.onnx_runtime import bundle_accuracy
+
+        for bundle in bundles:
+            print(f"accuracy of {bundle} on {args.data} ...", file=sys.stderr)
+            accuracy = bundle_accuracy(bundle, Path(args.data), threads=args.threads)
+            for row in rows:
+                if row["bundle"] == str(bundle):
+                    row["accuracy"] = accuracy
     write_results(args.out, "onnx_results", rows, markdown(rows))
 
 
@@ -347,11 +367,16 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--img-size", type=int, default=None, help="default: the backbone's")
     p.add_argument("--schedules", default="none,6:0.5,tome:13,3:0.5+6:0.5+9:0.5",
                    help="comma-separated; + joins the points of one schedule")  # fmt: skip
-    p.add_argument("--runtimes", default="torch,onnx,torchscript")
+    p.add_argument(
+        "--runtimes",
+        default="torch,onnx,torchscript",
+        help="comma-separated: torch, onnx, torchscript, onnx-tensorrt (GPU, onnxruntime's TensorRT)",
+    )
     p.add_argument("--batch-sizes", default="1,8")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"])
+    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16", "int8"],
+                   help="int8: onnxruntime-quantized graphs, onnx runtimes only")  # fmt: skip
     p.add_argument("--repeats", type=int, default=3, help="interleaved repeats")
     p.add_argument("--min-seconds", type=float, default=0.5, help="shortest sample")
     p.add_argument("--out", default="bench-results/model")
@@ -381,6 +406,7 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-sizes", default="1,8")
     p.add_argument("--repeats", type=int, default=5, help="interleaved repeats of at least 0.5 s each")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--data", help="also measure each bundle's accuracy on every image of this data's test split")
     p.add_argument("--out", default="bench-results")
     p.set_defaults(func=cmd_bench_onnx)
 

@@ -14,7 +14,7 @@ BUNDLE_FORMAT = 1
 MANIFEST, LABELS, ONNX_FILE, TORCHSCRIPT_FILE = "manifest.json", "labels.json", "model.onnx", "model.ts"
 VARIANTS = ("fpet", "backbone")
 FORMATS = {"onnx": ONNX_FILE, "torchscript": TORCHSCRIPT_FILE}
-PRECISIONS = ("fp32", "fp16")
+PRECISIONS = ("fp32", "fp16", "int8")
 
 
 def is_bundle(path: Path) -> bool:

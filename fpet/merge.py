@@ -1,8 +1,13 @@
 """Token merging maths as pure tensor functions: splits, matching and the size-weighted merge.
 
-Shapes: x [B, N, C] with cls at index 0, size [B, N, 1] (how many original patches each token stands for),
-metric [B, N, c]. Index tensors are static (they depend only on shapes), so exported graphs keep static shapes and
-use no scatter ops: the merge is a dense one-hot matmul, which exports exactly (see docs on export pitfalls).
+Shapes: x [B, N, C] with cls at index 0, size [B, N, 1] (how many original patches each token stands for, always
+fp32), metric [B, N, c]. Index tensors are static (they depend only on shapes), so exported graphs keep static
+shapes and use no scatter ops: the merge is a dense one-hot matmul, which exports exactly (see docs on export
+pitfalls).
+
+Matching runs in fp32 whatever the surrounding precision (fp16 graphs, bf16 or fp16 autocast): cosine scores of
+near-identical tokens differ by less than half precision resolves near 1, and tied rows all go to the first column,
+piling a flat background into one token.
 """
 
 from __future__ import annotations
@@ -12,29 +17,40 @@ import functools
 import torch
 from torch import Tensor
 
-# Index sets are built from Python lists, so a traced or exported graph holds them as constants.
-
 
 @functools.lru_cache(maxsize=64)
-def checkerboard_split(h: int, w: int, device: torch.device | None = None) -> tuple[Tensor, Tensor]:
-    """Sequence indices of set A (patch cells with row + col even) and set B (cls, then the other cells)."""
+def _checkerboard_lists(h: int, w: int) -> tuple[list[int], list[int]]:
     cells = [(1 + r * w + c, (r + c) % 2 == 0) for r in range(h) for c in range(w)]
-    a = [i for i, even in cells if even]
-    b = [0] + [i for i, even in cells if not even]
+    return [i for i, even in cells if even], [0] + [i for i, even in cells if not even]
+
+
+def checkerboard_split(h: int, w: int, device: torch.device | None = None) -> tuple[Tensor, Tensor]:
+    """Sequence indices of set A (patch cells with row + col even) and set B (cls, then the other cells).
+
+    Built per call from cached Python lists: a cached tensor made under `inference_mode` would be an inference
+    tensor and break a later training step; traced graphs hold these as constants either way.
+    """
+    a, b = _checkerboard_lists(h, w)
     return torch.tensor(a, device=device), torch.tensor(b, device=device)
 
 
-@functools.lru_cache(maxsize=64)
 def alternate_split(n: int, device: torch.device | None = None) -> tuple[Tensor, Tensor]:
     """A = patch tokens at odd sequence positions, B = cls and the even positions (used once the grid is gone)."""
-    return torch.tensor(range(1, n, 2), device=device), torch.tensor(range(0, n, 2), device=device)
+    return torch.arange(1, n, 2, device=device), torch.arange(0, n, 2, device=device)
+
+
+def full_precision(device: torch.device) -> torch.autocast:
+    """A region where autocast is off, so the explicit fp32 casts inside it hold."""
+    return torch.autocast(device_type=device.type, enabled=False)
 
 
 def similarity(metric: Tensor, a_idx: Tensor, b_idx: Tensor) -> Tensor:
-    """Cosine similarity A x B; the cls column (B's first) is -inf so nothing merges into cls."""
-    metric = metric / torch.linalg.vector_norm(metric, dim=-1, keepdim=True).clamp_min(1e-6)
-    a, b = metric.index_select(1, a_idx), metric.index_select(1, b_idx)
-    scores = a @ b.transpose(-1, -2)
+    """Cosine similarity A x B in fp32; the cls column (B's first) is -inf so nothing merges into cls."""
+    with full_precision(metric.device):
+        metric = metric.float()
+        metric = metric / torch.linalg.vector_norm(metric, dim=-1, keepdim=True).clamp_min(1e-6)
+        a, b = metric.index_select(1, a_idx), metric.index_select(1, b_idx)
+        scores = a @ b.transpose(-1, -2)
     return torch.cat([torch.full_like(scores[..., :1], float("-inf")), scores[..., 1:]], dim=-1)
 
 
@@ -67,10 +83,18 @@ def gather_rows(t: Tensor, rows: Tensor) -> Tensor:
 
 
 def weighted_merge(x_src: Tensor, s_src: Tensor, x_dst: Tensor, s_dst: Tensor, assign: Tensor) -> tuple[Tensor, Tensor]:
-    """Size-weighted mean of each destination with the sources assigned to it (assign [B, |src|, |dst|])."""
-    to_dst = assign.transpose(-1, -2)
-    new_size = s_dst + to_dst @ s_src
-    merged = (x_dst * s_dst + to_dst @ (x_src * s_src)) / new_size
+    """Size-weighted mean of each destination with the sources assigned to it (assign [B, |src|, |dst|]).
+
+    The weights are normalised (each at most 1, summing to 1 per destination) before they touch the tokens, so the
+    products stay in the tokens' range: multiplying by sizes first can overflow fp16 after large merges. Sizes and
+    weights are fp32; the mixing runs in the tokens' precision.
+    """
+    with full_precision(assign.device):
+        to_dst = assign.float().transpose(-1, -2)
+        new_size = s_dst + to_dst @ s_src
+        weights = to_dst * (s_src.transpose(-1, -2) / new_size)
+        keep = s_dst / new_size
+    merged = x_dst * keep.to(x_dst.dtype) + weights.to(x_src.dtype) @ x_src
     return merged, new_size
 
 
@@ -97,6 +121,6 @@ def merge_tokens(
     return torch.cat([x_b, keep_x], dim=1), torch.cat([s_b, keep_s], dim=1)
 
 
-def size_bias(size: Tensor) -> Tensor:
-    """Proportional attention: log(size) of each key, shaped to add to [B, heads, N, N] logits."""
-    return size.log().transpose(-1, -2).unsqueeze(1)
+def size_bias(size: Tensor, dtype: torch.dtype) -> Tensor:
+    """Proportional attention: log(size) of each key, shaped to add to [B, heads, N, N] logits of `dtype`."""
+    return size.log().transpose(-1, -2).unsqueeze(1).to(dtype)

@@ -1,7 +1,8 @@
 """A Vision Transformer with timm's state-dict layout, PET modules and token merging inside its blocks.
 
-Attention is written out (softmax(QK^T * scale + bias) V) rather than calling scaled_dot_product_attention, so
-the additive log-size bias of proportional attention works and exports with both ONNX exporters.
+Attention calls scaled_dot_product_attention (fused kernels on GPUs and CPUs), with proportional attention's
+log-size bias as an additive float mask; `Attention.fused = False` writes it out as softmax(QK^T * scale + bias) V,
+the same maths, for exporters or runtimes that want the plain form.
 """
 
 from __future__ import annotations
@@ -35,6 +36,14 @@ class LayerScale(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return x * self.gamma
 
+    def fold_into(self, linear: nn.Linear) -> None:
+        """Scale the linear layer that feeds this one instead (exact: both are linear), saving a multiply per
+        token at deployment; the caller then drops this module."""
+        with torch.no_grad():
+            linear.weight.mul_(self.gamma[:, None])
+            if linear.bias is not None:
+                linear.bias.mul_(self.gamma)
+
 
 class PatchEmbed(nn.Module):
     def __init__(self, patch_size: int, dim: int):
@@ -64,6 +73,7 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3)
         self.proj = nn.Linear(dim, dim)
         self.lora = lora
+        self.fused = True
 
     def forward(self, x: Tensor, bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Returns the output and the keys [B, heads, N, head_dim] (the merge metric)."""
@@ -73,10 +83,13 @@ class Attention(nn.Module):
             dq, dv = self.lora(x)
             q = q + dq.reshape(b, n, self.num_heads, -1).transpose(1, 2)
             v = v + dv.reshape(b, n, self.num_heads, -1).transpose(1, 2)
-        logits = (q * self.scale) @ k.transpose(-2, -1)
-        if bias is not None:
-            logits = logits + bias
-        out = logits.softmax(dim=-1) @ v
+        if self.fused:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
+        else:
+            logits = (q * self.scale) @ k.transpose(-2, -1)
+            if bias is not None:
+                logits = logits + bias
+            out = logits.softmax(dim=-1) @ v
         return self.proj(out.transpose(1, 2).reshape(b, n, c)), k
 
     def fold_lora(self) -> None:
@@ -111,12 +124,12 @@ class Block(nn.Module):
         self.drop_path_rate = drop_path_rate
 
     def forward(self, x: Tensor, size: Tensor | None, step: MergeStep | None) -> tuple[Tensor, Tensor | None]:
-        attn, keys = self.attn(self.norm1(x), None if size is None else merge.size_bias(size))
+        attn, keys = self.attn(self.norm1(x), None if size is None else merge.size_bias(size, x.dtype))
         x = x + drop_path(self.ls1(attn), self.drop_path_rate, self.training)
         if step is not None:
             assert self.merger is not None
             if size is None:
-                size = torch.ones_like(x[..., :1])
+                size = torch.ones_like(x[..., :1], dtype=torch.float32)
             x, size = self.merger(x, size, keys.mean(dim=1), step)
         out = x + drop_path(self.ls2(self.mlp(self.norm2(x))), self.drop_path_rate, self.training)
         if self.adapter is not None:
@@ -175,14 +188,29 @@ class VisionTransformer(nn.Module):
                 block.merger.deploy = deploy
         return self
 
+    def set_fused_attention(self, fused: bool = True) -> VisionTransformer:
+        for block in self.blocks:
+            block.attn.fused = fused
+        return self
+
     def fold_lora(self) -> VisionTransformer:
         for block in self.blocks:
             block.attn.fold_lora()
         return self
 
+    def fold_layer_scale(self) -> VisionTransformer:
+        for block in self.blocks:
+            if isinstance(block.ls1, LayerScale):
+                block.ls1.fold_into(block.attn.proj)
+                block.ls2.fold_into(block.mlp.fc2)
+                block.ls1, block.ls2 = nn.Identity(), nn.Identity()
+        return self
+
     def freeze_for_deployment(self) -> VisionTransformer:
-        """One-way: LoRA folded into qkv, 1-bit weights materialised, hard merges only, eval mode, no gradients."""
+        """One-way: LoRA folded into qkv, LayerScale into the layers before it, 1-bit weights materialised, hard
+        merges only, eval mode, no gradients."""
         self.fold_lora()
+        self.fold_layer_scale()
         materialize_binary(self)
         self.requires_grad_(False)
         return self.set_deploy(True).eval()

@@ -254,13 +254,46 @@ def test_not_ready_when_the_models_cannot_load(tmp_path):
         assert "not a model bundle" in response.json()["error"] and response.headers["retry-after"]
 
 
-def test_cuda_fallback_is_detected_and_can_block_readiness(tiny_bundles):
+def test_cuda_is_used_when_there_or_its_absence_blocks_readiness(tiny_bundles):
+    """Holds on both kinds of machine: with CUDA the model runs there (IO binding) and is ready; without it the
+    fallback is detected, counted and, as asked, keeps the service unready."""
+    import onnxruntime
+
     settings = Settings(bundles=[str(tiny_bundles["fpet"])], providers="cuda", allow_cpu_fallback=False)
     with TestClient(create_app(settings), raise_server_exceptions=False) as client:
         meta = client.get("/models/fpet").json()
-        assert meta["provider_fallback"] and meta["execution_provider"] == "CPUExecutionProvider"
-        assert client.get("/readyz").status_code == 503
-        assert "fpet_execution_provider_fallback_total" in client.get("/metrics").text
+        if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+            assert not meta["provider_fallback"] and meta["execution_provider"] == "CUDAExecutionProvider"
+            assert client.get("/readyz").status_code == 200
+            response = client.post("/classify", content=jpeg(), headers={"Content-Type": "image/jpeg"})
+            assert response.status_code == 200, response.text
+        else:
+            assert meta["provider_fallback"] and meta["execution_provider"] == "CPUExecutionProvider"
+            assert client.get("/readyz").status_code == 503
+            assert "fpet_execution_provider_fallback_total" in client.get("/metrics").text
+
+
+def test_io_binding_gives_the_same_logits(tiny_bundles):
+    from service.runtime import ModelRunner
+
+    runner = ModelRunner(tiny_bundles["fpet"], providers="cpu")
+    batch = np.random.default_rng(0).standard_normal((3, 3, 64, 64), dtype=np.float32)
+    plain = runner.run(batch)
+    runner.io_binding = True  # what a CUDA session uses
+    np.testing.assert_array_equal(runner.run(batch), plain)
+
+
+def test_int8_bundles_are_served_and_say_so(tmp_path):
+    from export.exporter import ExportOptions, export_bundle
+    from tests.training_helpers import make_run
+
+    run = make_run(tmp_path / "run")
+    export_bundle(run, tmp_path / "int8", ExportOptions(precision="int8", formats=("onnx",)), log=lambda _: None)
+    with TestClient(create_app(Settings(bundles=[str(tmp_path / "int8")], providers="cpu"))) as client:
+        assert client.get("/models/fpet").json()["precision"] == "int8"
+        response = client.post("/classify", content=jpeg(), headers={"Content-Type": "image/jpeg"})
+        assert response.status_code == 200 and response.json()["model"] == "fpet"
+        assert 'precision="int8"' in client.get("/metrics").text
 
 
 def test_service_preprocessing_equals_training_preprocessing():

@@ -23,7 +23,7 @@ def test_onnx_benchmark_smoke(tmp_path):
     assert all(r["ms_per_image"] > 0 for r in rows)
     fpet = next(r for r in rows if r["variant"] == "fpet")
     assert fpet["ideal_speedup_vs_first"] > 1
-    assert "| fpet | `6:0.5` |" in onnx_markdown(rows)
+    assert "| fpet | fp32 | `6:0.5` |" in onnx_markdown(rows)
 
 
 def test_model_benchmark_smoke(tmp_path):
@@ -40,3 +40,15 @@ def test_model_benchmark_smoke(tmp_path):
     assert all(r["speedup"] == 1.0 for r in rows if r["schedule"] == "none")
     assert "| `6:0.5` | onnx | 2 |" in model_markdown(rows)
     assert all(p.stat().st_size > 1000 for p in plot(rows, tmp_path))
+
+
+def test_bundle_accuracy_counts_every_test_image(tmp_path, tiny_bundles):
+    from bench.onnx_runtime import bundle_accuracy
+    from tests.training_helpers import make_image_folder
+
+    test = make_image_folder(tmp_path / "data" / "test", per_class=3, size=40)
+    for i, label in enumerate("abc"):  # the tiny run's labels
+        (test / f"class_{i}").rename(test / label)
+    result = bundle_accuracy(tiny_bundles["fpet"], tmp_path / "data", threads=1)
+    assert result["images"] == 9 and result["split"] == "test"
+    assert result["accuracy"] in {100 * k / 9 for k in range(10)}

@@ -171,3 +171,56 @@ def test_default_bundles_are_built_once_and_rebuilt_when_the_run_changes(tmp_pat
     messages.clear()
     ensure_default_bundles(log=messages.append)
     assert not any("up to date" in m for m in messages)
+
+
+def quantized_ops(path) -> dict[str, list[str]]:
+    ops: dict[str, list[str]] = {}
+    for node in onnx.load(str(path)).graph.node:
+        ops.setdefault(node.op_type, []).append(node.name)
+    return ops
+
+
+def test_int8_export_quantizes_the_linear_layers_and_keeps_merging_fp32(tmp_path):
+    run = make_run(tmp_path / "run", schedule="6:0.5")
+    manifest = export_bundle(run, tmp_path / "b8", ExportOptions(precision="int8", formats=("onnx",)), **quiet)
+    assert manifest["precision"] == "int8" and manifest["input"]["dtype"] == "float32"
+    assert manifest["quantization"]["mode"] == "dynamic"
+    result = manifest["verification"]["formats"]["onnx"]
+    assert result["passed"] and result["heldout"] is None  # the run's data is not on this machine
+    assert sorted(p.name for p in (tmp_path / "b8").iterdir()) == ["labels.json", "manifest.json", "model.onnx"]
+    ops = quantized_ops(tmp_path / "b8" / "model.onnx")
+    assert len(ops["DynamicQuantizeLinear"]) == 4 * 12  # qkv, proj, fc1, fc2 of 12 blocks
+    float_matmuls = ops["MatMul"]
+    assert sum("merger" in name and "refine" not in name for name in float_matmuls) == 3  # matching, merge, sizes
+    assert sum("adapter" in name for name in float_matmuls) == 2 * 12  # bottlenecks too narrow to pay
+    session = ort.InferenceSession(str(tmp_path / "b8" / "model.onnx"), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(0).standard_normal((3, 3, 64, 64), dtype=np.float32)
+    assert session.run(None, {"input": x})[0].shape == (3, 3)
+
+
+def test_int8_is_judged_on_held_out_images_of_the_run(tmp_path, monkeypatch):
+    from export import verify
+    from tests.training_helpers import make_image_folder
+
+    data = tmp_path / "data"
+    make_image_folder(data / "train", per_class=4, size=64)
+    make_image_folder(data / "test", per_class=4, size=64, seed=1)
+    run = make_run(tmp_path / "run")
+    config = json.loads((run / checkpoint.CONFIG).read_text())
+    config["train"]["data"], config["labels"] = str(data), ["class_0", "class_1", "class_2"]
+    (run / checkpoint.CONFIG).write_text(json.dumps(config))
+    options = ExportOptions(precision="int8", formats=("onnx",), quantization="static")
+    manifest = export_bundle(run, tmp_path / "b8", options, **quiet)
+    heldout = manifest["verification"]["formats"]["onnx"]["heldout"]
+    assert heldout["images"] == 12 and heldout["split"] == "test"
+    assert manifest["quantization"]["activations"] == "uint8, calibrated on 12 images"
+    assert "QuantizeLinear" in quantized_ops(tmp_path / "b8" / "model.onnx")
+    monkeypatch.setattr(verify, "HELDOUT_MAX_DROP", -101.0)  # no bundle can be 101 points more accurate
+    with pytest.raises(FpetError, match="verification failed for onnx"):
+        export_bundle(run, tmp_path / "b8", options, **quiet)
+    assert read_manifest(tmp_path / "b8") == manifest
+
+
+def test_int8_is_onnx_only():
+    with pytest.raises(FpetError, match="int8 bundles are ONNX only"):
+        ExportOptions(precision="int8")

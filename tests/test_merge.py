@@ -91,6 +91,6 @@ def test_partial_merge_merges_the_best_matched_rows_and_keeps_the_rest():
 
 def test_size_bias_is_log_size_per_key():
     size = torch.tensor([[[1.0], [2.0], [4.0]]])
-    bias = merge.size_bias(size)
+    bias = merge.size_bias(size, torch.float32)
     assert bias.shape == (1, 1, 1, 3)
     torch.testing.assert_close(bias[0, 0, 0], torch.log(torch.tensor([1.0, 2.0, 4.0])))

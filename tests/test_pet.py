@@ -4,7 +4,7 @@ import torch
 from fpet.errors import FpetError
 from fpet.pet import PetConfig, binarize, load_trainable_state_dict, trainable_state_dict
 from fpet.vit import create_model
-from tests.conftest import TINY
+from tests.conftest import TINY, TINY_LS
 
 
 @pytest.mark.parametrize("method", ["adaptformer-1bit", "lora-1bit"])
@@ -79,6 +79,19 @@ def test_lora_folds_into_qkv_exactly(method, images):
         before = model(images)
         model.fold_lora()
         assert not any("lora" in k for k in model.state_dict())
+        torch.testing.assert_close(model(images), before, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["adaptformer", "lora"])
+def test_deployment_form_folds_layer_scale_exactly(method, images):
+    model = create_model(TINY_LS, num_classes=3, method=method, schedule="1:0.5").eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "gamma" in name:
+                p.uniform_(0.5, 2.0)  # far from the 1e-5 init, so a dropped or misplaced scale shows
+        before = model(images)
+        model.freeze_for_deployment()
+        assert not any("gamma" in k for k in model.state_dict())
         torch.testing.assert_close(model(images), before, atol=1e-5, rtol=1e-5)
 
 

@@ -99,6 +99,7 @@ def test_token_counts_and_macs_match_the_running_model(spec, method, images):
     model = create_model(TINY, num_classes=7, method=method, schedule=spec).eval().set_deploy()
     steps = plan(parse_schedule(spec), TINY.depth, (8, 8))
     assert observed_tokens(model, images) == tokens_per_block(steps, (8, 8))
+    model.set_fused_attention(False)  # FlopCounterMode has no formula for the CPU fused kernel; the maths is equal
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model(images[:1])
     assert counter.get_total_flops() == 2 * model_macs(TINY, (8, 8), steps, model.pet, 7)

@@ -176,3 +176,32 @@ def test_weights_digest_depends_on_the_tensors_not_the_file(tmp_path):
     assert len(digests) == 1 and sha256_file(tmp_path / "a.safetensors") != sha256_file(tmp_path / "b.pth")
     sd["norm.bias"] = sd["norm.bias"] + 1e-3
     assert tensors_sha256(sd) not in digests
+
+
+@pytest.mark.parametrize("schedule", ["none", "tome:1", "1:0.5+2:0.5"])
+@pytest.mark.parametrize("training", [False, True])
+def test_fused_attention_equals_the_explicit_form(schedule, training, images):
+    """scaled_dot_product_attention with the log-size bias as a float mask is the same maths as the written-out
+    softmax, with and without merges (the bias only exists after one), in training (gradients too) and in eval."""
+    torch.manual_seed(0)
+    model = create_model(TINY, num_classes=5, method="adaptformer", schedule=schedule).train(training)
+    outputs, grads = [], []
+    for fused in (True, False):
+        model.set_fused_attention(fused).zero_grad()
+        torch.manual_seed(1)  # the same dropout masks in both passes
+        out = model(images)
+        out.square().sum().backward()
+        outputs.append(out.detach())
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    assert all(block.attn.fused is False for block in model.blocks)
+    torch.testing.assert_close(outputs[0], outputs[1], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-5, rtol=1e-4)
+
+
+def test_bf16_autocast_runs_fused_attention_with_the_size_mask(images):
+    model = create_model(TINY, num_classes=5, method="adaptformer", schedule="1:0.5+2:0.5").eval()
+    with torch.no_grad():
+        reference = model(images)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = model(images)
+    assert low.shape == reference.shape and torch.isfinite(low).all()

@@ -1,0 +1,86 @@
+"""int8 bundles: onnxruntime quantization of the linear layers of an exported fp32 graph.
+
+Only matrix products with a constant weight are quantized, and only those wide enough to pay for quantizing their
+input: attention's products and the merge's matching and one-hot products have no constant weight and stay fp32, so
+matching and merging run as in the fp32 graph; the adapters' bottleneck layers (a few columns) stay
+fp32 because quantizing their input costs more than their product (measured: 3% of the int8 model's time).
+
+Dynamic quantization (activations quantized per call) is the default: on this machine's CPU it was faster and more
+accurate than static QDQ calibrated on the run's training images (docs/benchmarks.md, "int8 bundles").
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic, quantize_static
+from onnxruntime.quantization.shape_inference import quant_pre_process
+
+from fpet.errors import FpetError
+
+MODES = ("dynamic", "static")
+MIN_WIDTH = 64  # narrower weights stay fp32
+CALIBRATION_BATCH = 8
+
+
+def quantizable_matmuls(model) -> list[str]:
+    """Names of the MatMul nodes whose weight is a constant at least MIN_WIDTH wide in both dimensions."""
+    weights = {t.name: t.dims for t in model.graph.initializer}
+    return [
+        node.name
+        for node in model.graph.node
+        if node.op_type == "MatMul" and min(weights.get(node.input[1], [0])) >= MIN_WIDTH
+    ]
+
+
+def quantize_int8(src: Path, dst: Path, mode: str = "dynamic", calibration: np.ndarray | None = None) -> dict:
+    """Write the int8 form of `src` to `dst`; returns what the manifest records about it."""
+    if mode not in MODES:
+        raise FpetError(f"unknown quantization {mode!r}; choose one of: {', '.join(MODES)}")
+    if mode == "static" and (calibration is None or not len(calibration)):
+        raise FpetError("static quantization needs calibration images: the run's training data is not on this machine")
+    with tempfile.TemporaryDirectory(prefix="fpet-int8-") as tmp:
+        prepared = Path(tmp) / "prepared.onnx"
+        quant_pre_process(str(src), str(prepared), skip_symbolic_shape=True)
+        nodes = quantizable_matmuls(onnx.load(str(prepared)))
+        common = dict(
+            op_types_to_quantize=["MatMul"], nodes_to_quantize=nodes, per_channel=True, weight_type=QuantType.QInt8,
+        )  # fmt: skip
+        if mode == "dynamic":
+            quantize_dynamic(str(prepared), str(dst), **common)
+        else:
+            input_name = onnx.load(str(prepared)).graph.input[0].name
+            quantize_static(
+                str(prepared), str(dst), CalibrationReader(input_name, calibration), quant_format=QuantFormat.QDQ,
+                activation_type=QuantType.QUInt8, **common,
+            )  # fmt: skip
+    return {
+        "mode": mode,
+        "tool": "onnxruntime.quantization",
+        "weights": "int8, per output channel",
+        "activations": "uint8, range per call"
+        if mode == "dynamic"
+        else f"uint8, calibrated on {len(calibration)} images",
+        "quantized_matmuls": len(nodes),
+        "kept_fp32": "attention and merge products (no constant weight); weights narrower than "
+        f"{MIN_WIDTH} (adapter bottlenecks); the patch embedding and the head",
+    }
+
+
+class CalibrationReader(CalibrationDataReader):
+    """Preprocessed float images in batches, as onnxruntime's calibration asks for them."""
+
+    def __init__(self, input_name: str, images: np.ndarray):
+        self._batches = self._iterate(input_name, images)
+
+    @staticmethod
+    def _iterate(input_name: str, images: np.ndarray) -> Iterator[dict]:
+        for start in range(0, len(images), CALIBRATION_BATCH):
+            yield {input_name: images[start : start + CALIBRATION_BATCH]}
+
+    def get_next(self) -> dict | None:
+        return next(self._batches, None)

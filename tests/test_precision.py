@@ -1,0 +1,77 @@
+"""Merging must not depend on the surrounding precision: fp16 graphs and bf16 autocast match on fp32 scores."""
+
+import pytest
+import torch
+
+from fpet import merge
+from fpet.schedule import MergeStep
+from fpet.trr import TokenMerger
+
+GRID = 14
+
+
+def tie_grid() -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys of a flat background (one direction plus small noise) around a distinct object, exactly representable
+    in fp16 so that every precision starts from the same numbers. Cosines between background tokens differ by less
+    than fp16's resolution near 1, so low-precision scores tie and argmax piles them all into one column."""
+    g = torch.Generator().manual_seed(0)
+    background, thing = torch.randn(64, generator=g), torch.randn(64, generator=g)
+    keys = background + 0.01 * torch.randn(1, 1 + GRID * GRID, 64, generator=g)
+    cells = keys[:, 1:].view(1, GRID, GRID, 64)
+    cells[:, 5:9, 5:9] = thing + 0.3 * torch.randn(1, 4, 4, 64, generator=g)
+    x = torch.randn(1, 1 + GRID * GRID, 32, generator=g)
+    return keys.half().float(), x.half().float()
+
+
+STEP = MergeStep(block=0, method="tome", tokens_in=1 + GRID * GRID, n_a=98, n_b=99, merged=98, grid=(GRID, GRID))
+
+
+def merged_sizes(keys: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    merger = TokenMerger("tome", head_dim=keys.shape[-1])
+    size = torch.ones_like(x[..., :1], dtype=torch.float32)  # sizes are fp32 in every precision
+    with torch.no_grad():
+        out, size = merger(x, size, keys, STEP)
+    assert torch.isfinite(out).all()
+    return size.float()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_tensors_merge_as_fp32_does(dtype):
+    keys, x = (t.to(dtype) for t in tie_grid())
+    reference = merged_sizes(keys.float(), x.float())
+    assert reference.max() <= 20, "the grid must not pile up in fp32 either, or it tests nothing"
+    low = merged_sizes(keys, x)
+    assert torch.equal(low, reference), f"largest merged token: {low.max():.0f} patches vs {reference.max():.0f}"
+
+
+def test_bf16_autocast_merges_as_fp32_does():
+    keys, x = tie_grid()
+    reference = merged_sizes(keys, x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = merged_sizes(keys, x)
+    assert torch.equal(low, reference), f"largest merged token: {low.max():.0f} patches vs {reference.max():.0f}"
+
+
+def test_weighted_merge_does_not_overflow_in_fp16():
+    """Sizes in the hundreds times activations in the hundreds overflow fp16 (max 65504) if multiplied first."""
+    x_src = torch.full((1, 4, 8), 300.0, dtype=torch.float16)
+    x_dst = torch.full((1, 2, 8), 300.0, dtype=torch.float16)
+    s_src, s_dst = torch.full((1, 4, 1), 250.0), torch.full((1, 2, 1), 250.0)
+    assign = torch.tensor([[[1.0, 0.0]] * 4])
+    merged, size = merge.weighted_merge(x_src, s_src, x_dst, s_dst, assign)
+    assert torch.isfinite(merged).all() and merged.dtype == torch.float16
+    assert torch.allclose(merged.float(), torch.full((1, 2, 8), 300.0))
+    assert size.flatten().tolist() == [1250.0, 250.0]
+
+
+def test_split_indices_built_under_inference_mode_work_in_training():
+    """Index tensors cached from an inference_mode call must not poison a later autograd step."""
+    with torch.inference_mode():
+        a, b = merge.checkerboard_split(7, 9)
+    metric = torch.randn(2, 64, 8, requires_grad=True)
+    a, b = merge.checkerboard_split(7, 9)
+    x = torch.randn(2, 64, 16, requires_grad=True)
+    scores = merge.similarity(metric, a, b)
+    out, _ = merge.merge_tokens(x, torch.ones(2, 64, 1), scores, a, b, 10, learned=True)
+    out.sum().backward()
+    assert x.grad is not None
