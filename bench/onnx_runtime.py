@@ -95,15 +95,16 @@ def bundle_accuracy(bundle: Path, data: Path, split: str = "test", batch_size: i
 
 def markdown(rows: list[dict]) -> str:
     lines = [
-        "| variant | precision | schedule | GMACs | ORT optimisation | batch | ms/image (median) | range | speedup | "
-        "ideal | accuracy |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| bundle | variant | precision | schedule | GMACs | ORT optimisation | batch | ms/image (median) | range | "
+        "speedup | ideal | accuracy |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in sorted(rows, key=lambda r: (r["optimization"], r["batch_size"], r["bundle"])):
         lo, hi = r["ms_range"]
         accuracy = f"{r['accuracy']['accuracy']:.2f}%" if r.get("accuracy") else "-"
         lines.append(
-            f"| {r['variant']} | {r['precision']} | `{r['schedule']}` | {r['gmacs']:.3f} | {r['optimization']} | "
+            f"| {Path(r['bundle']).name} | {r['variant']} | {r['precision']} | `{r['schedule']}` | {r['gmacs']:.3f} | "
+            f"{r['optimization']} | "
             f"{r['batch_size']} | {r['ms_per_image']:.2f} | {lo:.2f}-{hi:.2f} | {r['speedup_vs_first']:.2f}x | "
             f"{r['ideal_speedup_vs_first']:.2f}x | {accuracy} |"
         )

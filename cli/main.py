@@ -297,6 +297,33 @@ def cmd_serve(args: argparse.Namespace) -> None:
     serve(overrides)
 
 
+def cmd_visualize(args: argparse.Namespace) -> None:
+    from cli.visualize import visualize
+    from fpet.pretrained import sample_photo_files
+
+    source, images = args.source, list(args.images)
+    if source and Path(source).is_file():  # no source given, only images
+        source, images = None, [source, *images]
+    images = images or [str(item) for item in sample_photo_files()]
+    for path in visualize(source, images, args.out, backbone=args.backbone):
+        print(path)
+
+
+def add_visualize_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "visualize",
+        help="draw which patches were merged: one PNG per image and merge point, and a side-by-side sheet",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument(
+        "source", nargs="?", help="run folder (PyTorch) or fpet bundle (onnxruntime); default: the default model"
+    )
+    p.add_argument("images", nargs="*", help="images to draw (default: the packaged photos)")
+    p.add_argument("--out", default="merge-maps", help="folder for the PNGs")
+    p.add_argument("--backbone", help="with a bundle: the backbone bundle, for its label (default: sibling 'backbone')")
+    p.set_defaults(func=cmd_visualize)
+
+
 def cmd_pull(args: argparse.Namespace) -> None:
     from export.pull import pull_bundles
 
@@ -455,6 +482,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_export_parser(sub)
     add_serve_parser(sub)
     add_pull_parser(sub)
+    add_visualize_parser(sub)
     add_bench_parser(sub)
 
     weights = sub.add_parser("weights", help="pretrained backbones that work offline").add_subparsers(

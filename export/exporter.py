@@ -39,7 +39,23 @@ from training.data import Preprocessing
 
 OPSETS = range(14, 21)  # what torch's TorchScript-based exporter writes; LayerNormalization needs 17
 DEFAULT_OPSET = 17
-INPUT_NAME, OUTPUT_NAME = "input", "logits"
+INPUT_NAME, OUTPUT_NAME, MAPS_NAME = "input", "logits", "merge_maps"
+
+
+class WithMergeMaps(torch.nn.Module):
+    """The model with its merge maps as a second output (`VisionTransformer.forward_explained`): the service draws
+    them without torch. They come from the same hard assignments as the logits and cost a few small products."""
+
+    def __init__(self, model: VisionTransformer):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.model.forward_explained(x)
+
+
+def has_merges(model: VisionTransformer) -> bool:
+    return any(step is not None for step in model.merge_plan())
 
 
 @dataclass(frozen=True)
@@ -76,15 +92,20 @@ def run_checksum(run_dir: Path) -> str:
     return digest.hexdigest()
 
 
-def export_onnx(model: VisionTransformer, path: Path, example: torch.Tensor, opset: int) -> None:
-    """Legacy (TorchScript-based) exporter: 2-3 s, exact for this model; the dynamo exporter takes ~20 s."""
+def export_onnx(model: VisionTransformer, path: Path, example: torch.Tensor, opset: int, maps: bool = False) -> None:
+    """Legacy (TorchScript-based) exporter: 2-3 s, exact for this model; the dynamo exporter takes ~20 s. With
+    `maps`, the merge maps are a second output."""
     import onnx
 
+    outputs = [OUTPUT_NAME, MAPS_NAME] if maps else [OUTPUT_NAME]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        # the wrapper takes the model's mode: the exporter restores the wrapper's afterwards, recursively
+        exported = WithMergeMaps(model).train(model.training) if maps else model
         torch.onnx.export(
-            model, (example,), str(path), dynamo=False, opset_version=opset, input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME], dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+            exported, (example,), str(path), dynamo=False, opset_version=opset, input_names=[INPUT_NAME],
+            output_names=outputs,
+            dynamic_axes={name: {0: "batch"} for name in [INPUT_NAME, *outputs]},
         )  # fmt: skip
     onnx.checker.check_model(str(path), full_check=True)
 
@@ -103,13 +124,25 @@ def export_int8(
     from export.quantize import quantize_int8
 
     fp32 = folder / "model.fp32.onnx"
-    export_onnx(model, fp32, example, options.opset)
+    export_onnx(model, fp32, example, options.opset, maps=has_merges(model))
     calibration = calibration_inputs(config) if options.quantization == "static" else None
     log(f"quantizing to int8 ({options.quantization}) ...")
     try:
         return quantize_int8(fp32, folder / FORMATS["onnx"], options.quantization, calibration)
     finally:
         fp32.unlink()
+
+
+def verify_maps(reference: VisionTransformer, inputs: torch.Tensor, path: Path, precision: str) -> dict:
+    """The graph's merge maps against PyTorch's: identical in fp32; recorded for lower precisions, whose keys differ
+    by rounding and may pick another partner for a near-tie."""
+    with torch.no_grad():
+        expected = reference.forward_explained(inputs)[1].numpy()
+    session = create_session(path, optimization=ORT_OPTIMIZATION)
+    x = inputs.numpy().astype(np.float16 if precision == "fp16" else np.float32)
+    got = session.run([MAPS_NAME], {INPUT_NAME: x})[0]
+    identical = float((got == expected).all(axis=(1, 2)).mean())
+    return {"images_identical": identical, "passed": precision != "fp32" or identical == 1.0}
 
 
 def onnx_runner(path: Path) -> Callable[[np.ndarray], np.ndarray]:
@@ -190,7 +223,7 @@ def export_bundle(
             if fmt == "onnx" and options.precision == "int8":
                 quantization = export_int8(deployed, tmp, example, options, config, log)
             elif fmt == "onnx":
-                export_onnx(deployed, tmp / FORMATS[fmt], example, options.opset)
+                export_onnx(deployed, tmp / FORMATS[fmt], example, options.opset, maps=has_merges(deployed))
             else:
                 export_torchscript(deployed, tmp / FORMATS[fmt], example)
             files[fmt] = FORMATS[fmt]
@@ -198,6 +231,9 @@ def export_bundle(
         log(f"verifying against PyTorch on {len(image_names)} real images at batch sizes 1 and 8 ...")
         runners = {fmt: RUNNERS[fmt](tmp / name) for fmt, name in files.items()}
         verification = verify_formats(expected, inputs.to(dtype).numpy(), runners, options.precision)
+        if "onnx" in files and has_merges(deployed):
+            verification["onnx"]["merge_maps"] = verify_maps(reference, inputs, tmp / files["onnx"], options.precision)
+            verification["onnx"]["passed"] &= verification["onnx"]["merge_maps"]["passed"]
         if quantization is not None:
             log("measuring accuracy on held-out images of the run's data against the fp32 model ...")
             heldout = heldout_accuracy(reference, runners["onnx"], config)
@@ -220,6 +256,21 @@ def export_bundle(
         if tmp.exists():
             shutil.rmtree(tmp)
     return manifest
+
+
+def merge_maps_info(model: VisionTransformer) -> dict:
+    """What the service needs to read the merge-maps output without torch: the patch grid and the merge points."""
+    steps = [step for step in model.merge_plan() if step is not None]
+    return {
+        "output": MAPS_NAME,
+        "shape": ["batch", len(steps), model.grid[0] * model.grid[1]],
+        "grid": list(model.grid),
+        "patch_size": model.cfg.patch_size,
+        "points": [
+            {"block": s.block, "method": s.method, "tokens_before": s.tokens_in, "tokens_after": s.tokens_in - s.merged}
+            for s in steps
+        ],
+    }
 
 
 def build_manifest(
@@ -257,6 +308,7 @@ def build_manifest(
             "dtype": "float16" if options.precision == "fp16" else "float32",  # int8 bundles take float input
         },
         "output": {"name": OUTPUT_NAME, "shape": ["batch", len(config["labels"])]},
+        "merge_maps": merge_maps_info(model) if "onnx" in files and has_merges(model) else None,
         "img_size": size,
         "preprocessing": config["preprocessing"],
         "num_classes": len(config["labels"]),

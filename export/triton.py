@@ -61,6 +61,14 @@ def triton_graph(source: Path, target: Path) -> None:
     for node in graph.node:
         node.input[:] = [PIXELS if name == INPUT_NAME else name for name in node.input]
     graph.input[0].name = PIXELS
+    del graph.output[1:]  # the merge maps: Triton's clients get logits and probabilities
+    needed, kept = {LOGITS}, []
+    for node in reversed(graph.node):  # drop what only the merge maps used
+        if needed.intersection(node.output):
+            kept.append(node)
+            needed.update(node.input)
+    del graph.node[:]
+    graph.node.extend(reversed(kept))
     logits = graph.output[0]
     graph.node.append(helper.make_node("Softmax", [LOGITS], [PROBABILITIES], axis=1, name="probabilities"))
     dims = [d.dim_param or d.dim_value for d in logits.type.tensor_type.shape.dim]

@@ -99,26 +99,56 @@ def weighted_merge(x_src: Tensor, s_src: Tensor, x_dst: Tensor, s_dst: Tensor, a
 
 
 def merge_tokens(
-    x: Tensor, size: Tensor, scores: Tensor, a_idx: Tensor, b_idx: Tensor, k: int, learned: bool
-) -> tuple[Tensor, Tensor]:
+    x: Tensor,
+    size: Tensor,
+    scores: Tensor,
+    a_idx: Tensor,
+    b_idx: Tensor,
+    k: int,
+    learned: bool,
+    members: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor | None]:
     """Merge k of the A tokens into B. Output: B tokens (cls first), then the A tokens kept; sizes alike.
 
     `learned` selects FPET's straight-through assignment (for training); otherwise the hard one-hot (ToMe, and
-    FPET at deployment, where both agree in the forward pass).
+    FPET at deployment, where both agree in the forward pass). `members` ([B, N, patches], 0/1: which original
+    patches each token stands for) is carried through the same hard assignment when given, for merge maps.
     """
-    x_a, x_b = x.index_select(1, a_idx), x.index_select(1, b_idx)
-    s_a, s_b = size.index_select(1, a_idx), size.index_select(1, b_idx)
-    keep_x = keep_s = None
+    src = keep = None
     if k < a_idx.numel():
         src, keep = select_rows(scores, k)
         scores = gather_rows(scores, src)
-        keep_x, keep_s = gather_rows(x_a, keep), gather_rows(s_a, keep)
-        x_a, s_a = gather_rows(x_a, src), gather_rows(s_a, src)
     assign = fpet_assignment(scores) if learned else hard_assignment(scores)
+
+    def split(t: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        """A rows to merge, B rows, A rows kept."""
+        t_a, t_b = t.index_select(1, a_idx), t.index_select(1, b_idx)
+        if src is None:
+            return t_a, t_b, None
+        return gather_rows(t_a, src), t_b, gather_rows(t_a, keep)
+
+    def join(t_b: Tensor, t_kept: Tensor | None) -> Tensor:
+        return t_b if t_kept is None else torch.cat([t_b, t_kept], dim=1)
+
+    (x_a, x_b, x_kept), (s_a, s_b, s_kept) = split(x), split(size)
     x_b, s_b = weighted_merge(x_a, s_a, x_b, s_b, assign)
-    if keep_x is None:
-        return x_b, s_b
-    return torch.cat([x_b, keep_x], dim=1), torch.cat([s_b, keep_s], dim=1)
+    if members is not None:
+        m_a, m_b, m_kept = split(members)
+        members = join(m_b + hard_assignment(scores).transpose(-1, -2) @ m_a, m_kept)
+    return join(x_b, x_kept), join(s_b, s_kept), members
+
+
+def initial_members(x: Tensor) -> Tensor:
+    """[B, 1 + patches, patches]: each patch token stands for itself, cls for no patch."""
+    patches = x.shape[1] - 1
+    eye = torch.eye(patches, device=x.device)
+    table = torch.cat([torch.zeros(1, patches, device=x.device), eye])
+    return table.unsqueeze(0).expand(x.shape[0], -1, -1)
+
+
+def patch_groups(members: Tensor) -> Tensor:
+    """[B, patches]: the index of the token each original patch is in now."""
+    return members.argmax(dim=1)
 
 
 def size_bias(size: Tensor, dtype: torch.dtype) -> Tensor:

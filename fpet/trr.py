@@ -25,7 +25,9 @@ class TokenMerger(nn.Module):
         self.refine = Bottleneck(head_dim, REFINE_WIDTH, dropout=dropout, binary=True) if method == "fpet" else None
         self.deploy = False
 
-    def forward(self, x: Tensor, size: Tensor, keys: Tensor, step: MergeStep) -> tuple[Tensor, Tensor]:
+    def forward(
+        self, x: Tensor, size: Tensor, keys: Tensor, step: MergeStep, members: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
         metric = keys.detach()
         if self.refine is not None:
             metric = metric + self.refine(metric)
@@ -35,4 +37,4 @@ class TokenMerger(nn.Module):
             a_idx, b_idx = merge.alternate_split(step.tokens_in, x.device)
         scores = merge.similarity(metric, a_idx, b_idx)
         learned = self.refine is not None and not self.deploy
-        return merge.merge_tokens(x, size, scores, a_idx, b_idx, step.merged, learned)
+        return merge.merge_tokens(x, size, scores, a_idx, b_idx, step.merged, learned, members)

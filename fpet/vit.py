@@ -123,18 +123,21 @@ class Block(nn.Module):
             self.adapter = Bottleneck(dim, pet.bottleneck, scale=pet.scale, dropout=pet.dropout, binary=pet.binary)
         self.drop_path_rate = drop_path_rate
 
-    def forward(self, x: Tensor, size: Tensor | None, step: MergeStep | None) -> tuple[Tensor, Tensor | None]:
+    def forward(
+        self, x: Tensor, size: Tensor | None, step: MergeStep | None, members: Tensor | None = None
+    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """`members` (merge maps only): which original patches each token stands for, carried through the merge."""
         attn, keys = self.attn(self.norm1(x), None if size is None else merge.size_bias(size, x.dtype))
         x = x + drop_path(self.ls1(attn), self.drop_path_rate, self.training)
         if step is not None:
             assert self.merger is not None
             if size is None:
                 size = torch.ones_like(x[..., :1], dtype=torch.float32)
-            x, size = self.merger(x, size, keys.mean(dim=1), step)
+            x, size, members = self.merger(x, size, keys.mean(dim=1), step, members)
         out = x + drop_path(self.ls2(self.mlp(self.norm2(x))), self.drop_path_rate, self.training)
         if self.adapter is not None:
             out = out + self.adapter(x)  # AdaptFormer: parallel to the MLP, fed the un-normalised residual
-        return out, size
+        return out, size, members
 
 
 class VisionTransformer(nn.Module):
@@ -224,17 +227,32 @@ class VisionTransformer(nn.Module):
         return resample_pos_embed(self.pos_embed, self.grid, grid)
 
     def forward_features(self, x: Tensor) -> Tensor:
+        return self._features(x, explain=False)[0]
+
+    def _features(self, x: Tensor, explain: bool) -> tuple[Tensor, list[Tensor]]:
+        """Final normalised tokens and, with `explain`, the patch-to-token map [B, patches] after each merge point."""
         # Python ints, also under tracing: the merge plan and its index sets are static for a given input size.
         grid = grid_size((int(x.shape[-2]), int(x.shape[-1])), self.cfg.patch_size)
         x = self.patch_embed(x)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self._pos_embed(grid)
-        size = None
+        size, members, groups = None, merge.initial_members(x) if explain else None, []
         for block, step in zip(self.blocks, self.merge_plan(grid), strict=True):
-            x, size = block(x, size, step)
-        return self.norm(x)
+            x, size, members = block(x, size, step, members)
+            if explain and step is not None:
+                groups.append(merge.patch_groups(members))
+        return self.norm(x), groups
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.forward_features(x)[:, 0])
+
+    def forward_explained(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Logits and merge maps: [B, merge points, patches], the token each patch is in after each merge point
+        (from the same hard assignments as the logits; no merge points: [B, 0, patches])."""
+        tokens, groups = self._features(x, explain=True)
+        if not groups:
+            patches = tokens.shape[1] - 1  # nothing merged
+            return self.head(tokens[:, 0]), torch.zeros(x.shape[0], 0, patches, dtype=torch.long, device=x.device)
+        return self.head(tokens[:, 0]), torch.stack(groups, dim=1)
 
 
 @functools.lru_cache(maxsize=32)

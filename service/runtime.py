@@ -51,7 +51,8 @@ class ModelRunner:
         if self.fell_back:
             log.error("%s: CUDA was asked for but onnxruntime runs on %s", self.name, self.provider)
         self.input_name = self.session.get_inputs()[0].name
-        self.output_name = self.session.get_outputs()[0].name
+        self.output_name = self.manifest["output"]["name"]
+        self.merge_maps: dict | None = self.manifest.get("merge_maps")  # None: no merges, or an older bundle
         self.io_binding = self.on_gpu  # bound buffers: one host-to-device copy per batch, no per-run allocation
         self.load_seconds = time.perf_counter() - start
         self.warmup_seconds = 0.0
@@ -73,6 +74,14 @@ class ModelRunner:
         binding.bind_output(self.output_name, "cpu")
         self.session.run_with_iobinding(binding)
         return binding.copy_outputs_to_cpu()[0].astype(np.float32)
+
+    def explain(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Logits and merge maps ([B, merge points, patches]) in one run; maps None when the bundle has none."""
+        if self.merge_maps is None:
+            return self.run(batch), None
+        names = [self.output_name, self.merge_maps["output"]]
+        logits, maps = self.session.run(names, {self.input_name: np.ascontiguousarray(batch, dtype=self.dtype)})
+        return logits.astype(np.float32), maps
 
     def warm_up(self, max_batch: int) -> None:
         """Run every batch size the batcher may form, so no request pays for a first-time allocation."""

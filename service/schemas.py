@@ -63,6 +63,25 @@ class CompareResponse(BaseModel):
     timing_ms: dict[str, float]
 
 
+class MergePoint(BaseModel):
+    block: int = Field(description="the block after whose attention the tokens merged")
+    method: str = Field(description="fpet (learned matching) or tome")
+    tokens_before: int = Field(description="tokens entering the merge, cls included")
+    tokens_after: int
+    groups: list[list[int]] = Field(description="per token after the merge, the original patches it holds "
+                                    "(row-major patch indices)")  # fmt: skip
+
+
+class ExplainResponse(BaseModel):
+    request_id: str
+    model: str
+    model_version: str
+    predictions: list[Prediction]
+    grid: list[int] | None = Field(description="patch rows and columns of the model input (null: no merges)")
+    merges: list[MergePoint] = Field(description="one entry per merge point, in order; empty for the backbone")
+    timing_ms: dict[str, float]
+
+
 class ErrorBody(BaseModel):
     error: str
     error_type: str

@@ -28,6 +28,7 @@ class Settings(BaseSettings):
     admission_wait_ms: float = Field(
         250.0, ge=0, description="how long a request may wait for a place in a full queue before its 429"
     )
+    explain_concurrency: int = Field(1, ge=1, description="explanations computed at once; more get a 429")
     deadline_ms: float = Field(10_000, gt=0, description="a request still queued after this is dropped with 504")
     max_bytes: int = Field(8 * 2**20, gt=0, description="largest request body")
     max_pixels: int = Field(40_000_000, gt=0, description="largest decoded image (decompression-bomb guard)")

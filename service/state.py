@@ -33,6 +33,7 @@ class State:
         self.reason = "loading models"
         # Images decoded or preprocessed at once: as many as there are cores, whatever the load.
         self.decode_slots = asyncio.Semaphore(os.cpu_count() or 1)
+        self.explain_slots = asyncio.Semaphore(settings.explain_concurrency)
         self.in_flight = 0
         self.last_arrival = 0.0
 

@@ -357,3 +357,54 @@ def test_large_jpegs_decode_small_and_identically_in_training_and_serving(tmp_pa
     np.testing.assert_array_equal(serving, training)
     full = resize_rgb(Image.open(io.BytesIO(data)).convert("RGB"), 112)  # what decoding at full size would give
     assert np.abs(full.astype(int) - serving.astype(int)).mean() < 3  # the same picture, not a different one
+
+
+@pytest.fixture
+def fresh_client(tiny_bundles):
+    settings = Settings(bundles=[str(tiny_bundles["fpet"]), str(tiny_bundles["backbone"])], providers="cpu")
+    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+        yield client
+
+
+def test_explain_returns_the_plan_and_the_picture(fresh_client):
+    client = fresh_client
+    response = client.post("/models/fpet/explain?top_k=2", content=jpeg(), headers={"Content-Type": "image/jpeg"})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    classified = client.post("/models/fpet/classify?top_k=2", content=jpeg(), headers={"Content-Type": "image/jpeg"})
+    assert [p["index"] for p in body["predictions"]] == [p["index"] for p in classified.json()["predictions"]]
+    (point,) = body["merges"]
+    assert point["block"] == 6 and point["tokens_before"] == 17 and point["tokens_after"] == 9
+    assert len(point["groups"]) == 8 and sorted(sum(point["groups"], [])) == list(range(16))
+    assert body["grid"] == [4, 4]
+    for kwargs in ({"params": {"format": "png"}}, {"headers": {"Accept": "image/png"}}):
+        headers = {"Content-Type": "image/jpeg", **kwargs.get("headers", {})}
+        picture = client.post("/models/fpet/explain", content=jpeg(), headers=headers, params=kwargs.get("params"))
+        assert picture.headers["content-type"] == "image/png"
+        assert Image.open(io.BytesIO(picture.content)).size == (64 * 3, 64 * 3)
+    backbone = client.post("/models/backbone/explain", content=jpeg(), headers={"Content-Type": "image/jpeg"})
+    assert backbone.status_code == 200 and backbone.json()["merges"] == [] and backbone.json()["grid"] is None
+    check_error(client.post("/models/backbone/explain?format=png", content=jpeg(),
+                            headers={"Content-Type": "image/jpeg"}), 400, "invalid_request")  # fmt: skip
+    check_error(client.post("/models/fpet/explain", content=b"nope", headers={"Content-Type": "image/jpeg"}),
+                400, "invalid_image")  # fmt: skip
+    assert 'fpet_requests_total{code="200",model="explain"}' in client.get("/metrics").text
+    schema = client.get("/openapi.json").json()["paths"]["/models/{model}/explain"]["post"]
+    assert (
+        "image/png" in schema["responses"]["200"]["content"]
+        and "multipart/form-data" in schema["requestBody"]["content"]
+    )
+
+
+def test_explain_refuses_at_once_when_busy(fresh_client):
+    import asyncio
+
+    client = fresh_client
+    state = client.app.state.fpet
+    slots, state.explain_slots = state.explain_slots, asyncio.Semaphore(0)  # every slot taken
+    try:
+        response = client.post("/models/fpet/explain", content=jpeg(), headers={"Content-Type": "image/jpeg"})
+        check_error(response, 429, "too_many_requests")
+        assert response.headers["retry-after"] == "1"
+    finally:
+        state.explain_slots = slots

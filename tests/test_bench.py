@@ -23,7 +23,7 @@ def test_onnx_benchmark_smoke(tmp_path):
     assert all(r["ms_per_image"] > 0 for r in rows)
     fpet = next(r for r in rows if r["variant"] == "fpet")
     assert fpet["ideal_speedup_vs_first"] > 1
-    assert "| fpet | fp32 | `6:0.5` |" in onnx_markdown(rows)
+    assert "| fpet | fpet | fp32 | `6:0.5` |" in onnx_markdown(rows)
 
 
 def test_model_benchmark_smoke(tmp_path):

@@ -67,7 +67,7 @@ def test_full_merge_is_the_size_weighted_mean_and_keeps_cls_first(learned):
     x, size = torch.randn(2, 17, 6), torch.randint(1, 4, (2, 17, 1)).float()
     a, b = merge.checkerboard_split(4, 4)
     scores = merge.similarity(torch.randn(2, 17, 5), a, b)
-    out, new_size = merge.merge_tokens(x, size, scores, a, b, k=len(a), learned=learned)
+    out, new_size, _ = merge.merge_tokens(x, size, scores, a, b, k=len(a), learned=learned)
     ref_x, ref_s = merged_reference(x, size, a, b, merge.hard_assignment(scores))
     assert out.shape == (2, 9, 6)
     torch.testing.assert_close(out, ref_x)
@@ -80,7 +80,7 @@ def test_partial_merge_merges_the_best_matched_rows_and_keeps_the_rest():
     x, size = torch.randn(1, 11, 4), torch.ones(1, 11, 1)
     a, b = merge.alternate_split(11)
     scores = merge.similarity(torch.randn(1, 11, 3), a, b)
-    out, new_size = merge.merge_tokens(x, size, scores, a, b, k=2, learned=False)
+    out, new_size, _ = merge.merge_tokens(x, size, scores, a, b, k=2, learned=False)
     assert out.shape == (1, 9, 4) and new_size.sum() == 11
     best = scores.max(-1).values[0]
     kept_rows = best.argsort(descending=True)[2:]

@@ -30,7 +30,7 @@ def merged_sizes(keys: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     merger = TokenMerger("tome", head_dim=keys.shape[-1])
     size = torch.ones_like(x[..., :1], dtype=torch.float32)  # sizes are fp32 in every precision
     with torch.no_grad():
-        out, size = merger(x, size, keys, STEP)
+        out, size, _ = merger(x, size, keys, STEP)
     assert torch.isfinite(out).all()
     return size.float()
 
@@ -72,6 +72,6 @@ def test_split_indices_built_under_inference_mode_work_in_training():
     a, b = merge.checkerboard_split(7, 9)
     x = torch.randn(2, 64, 16, requires_grad=True)
     scores = merge.similarity(metric, a, b)
-    out, _ = merge.merge_tokens(x, torch.ones(2, 64, 1), scores, a, b, 10, learned=True)
+    out, _, _ = merge.merge_tokens(x, torch.ones(2, 64, 1), scores, a, b, 10, learned=True)
     out.sum().backward()
     assert x.grad is not None

@@ -12,7 +12,7 @@ def test_straight_through_trains_the_refinement_adapter_and_not_the_keys():
     step = MergeStep(block=0, method="fpet", tokens_in=17, n_a=8, n_b=9, merged=8, grid=(4, 4))
     x = torch.randn(2, 17, 16, requires_grad=True)
     keys = torch.randn(2, 17, 8, requires_grad=True)
-    out, _ = merger(x, torch.ones(2, 17, 1), keys, step)
+    out, _, _ = merger(x, torch.ones(2, 17, 1), keys, step)
     (out * torch.randn_like(out)).sum().backward()
     assert keys.grad is None  # the metric is detached
     assert merger.refine.down.weight.grad.abs().sum() > 0
@@ -70,7 +70,7 @@ def test_merging_matches_a_token_by_token_reference(method, step, deploy):
     x, keys = torch.randn(2, 17, 16), torch.randn(2, 17, 8)
     size = torch.randint(1, 4, (2, 17, 1)).float()
     with torch.no_grad():
-        out, out_size = merger(x, size, keys, step)
+        out, out_size, _ = merger(x, size, keys, step)
         metric = keys if merger.refine is None else keys + merger.refine(keys)
     if step.grid is not None:
         cells = [(1 + r * 4 + c, (r + c) % 2 == 0) for r in range(4) for c in range(4)]
