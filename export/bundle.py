@@ -10,7 +10,7 @@ from pathlib import Path
 
 from fpet.errors import FpetError
 
-BUNDLE_FORMAT = 1
+BUNDLE_FORMAT = 2  # 2: fpet graphs have a second output, the merge maps (manifest `merge_maps`)
 MANIFEST, LABELS, ONNX_FILE, TORCHSCRIPT_FILE = "manifest.json", "labels.json", "model.onnx", "model.ts"
 VARIANTS = ("fpet", "backbone")
 FORMATS = {"onnx": ONNX_FILE, "torchscript": TORCHSCRIPT_FILE}

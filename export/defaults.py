@@ -6,7 +6,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from export.bundle import VARIANTS, is_bundle, read_manifest
+from export.bundle import BUNDLE_FORMAT, VARIANTS, is_bundle, read_manifest
 from export.exporter import ExportOptions, export_bundle, run_checksum
 from fpet.errors import FpetError
 from fpet.paths import DEFAULT_RUN_NAME, default_bundle_dir
@@ -25,13 +25,15 @@ def is_fresh(bundle: Path, checksum: str) -> bool:
     if not is_bundle(bundle):
         return False
     try:
-        return read_manifest(bundle)["source_run"]["sha256"] == checksum
+        manifest = read_manifest(bundle)
+        return manifest["source_run"]["sha256"] == checksum and manifest["bundle_format"] == BUNDLE_FORMAT
     except (FpetError, KeyError, ValueError):
         return False
 
 
 def ensure_default_bundles(force: bool = False, log: Callable[[str], None] = print) -> dict[str, Path]:
-    """Both variants of the default model, rebuilt only when the run changed (checksums) or when forced."""
+    """Both variants of the default model, rebuilt only when the run changed (checksums), when this fpet writes a
+    newer bundle format, or when forced."""
     run = default_run()
     checksum = run_checksum(run)
     bundles = {}

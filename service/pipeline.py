@@ -20,6 +20,7 @@ from service import metrics
 from service.batcher import Result, Ticket
 from service.decode import CONTENT_TYPES, decode_image
 from service.errors import ServiceError
+from service.recent import RECENT
 from service.runtime import ModelRunner
 from service.schemas import JsonRequest, Prediction
 from service.settings import Settings
@@ -56,7 +57,9 @@ def accounted(model: str, provider: str, start: float) -> Iterator[None]:
         metrics.REQUESTS.labels(model, str(code)).inc()
         if reason:
             metrics.ERRORS.labels(model, reason).inc()
-        metrics.REQUEST_SECONDS.labels(model, provider).observe(time.perf_counter() - start)
+        elapsed = time.perf_counter() - start
+        metrics.REQUEST_SECONDS.labels(model, provider).observe(elapsed)
+        RECENT.observe(model, elapsed)
 
 
 @contextlib.asynccontextmanager

@@ -408,3 +408,13 @@ def test_explain_refuses_at_once_when_busy(fresh_client):
         assert response.headers["retry-after"] == "1"
     finally:
         state.explain_slots = slots
+
+
+def test_the_service_imports_no_torch():
+    """The service images have no torch: the app and everything it imports must load without it."""
+    import subprocess
+    import sys
+
+    code = "import sys, service.app, service.server; assert 'torch' not in sys.modules, 'torch was imported'"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]

@@ -171,6 +171,14 @@ def test_default_bundles_are_built_once_and_rebuilt_when_the_run_changes(tmp_pat
     messages.clear()
     ensure_default_bundles(log=messages.append)
     assert not any("up to date" in m for m in messages)
+    manifest = json.loads((bundles["fpet"] / "manifest.json").read_text())
+    manifest["bundle_format"] = 1  # written by an older fpet: rebuilt, so it has what this one serves
+    (bundles["fpet"] / "manifest.json").write_text(json.dumps(manifest))
+    messages.clear()
+    ensure_default_bundles(log=messages.append)
+    assert messages[-1] == f"backbone bundle is up to date: {bundles['backbone']}"
+    assert messages[0].startswith("exporting fpet")
+    assert read_manifest(bundles["fpet"])["bundle_format"] == 2
 
 
 def quantized_ops(path) -> dict[str, list[str]]:
