@@ -126,6 +126,9 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
         "--batch-size", type=int, default=d.batch_size, help="global batch (split across torchrun processes)"
     )
     p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--head-init", default=d.head_init, choices=["random", "probe"],
+                   help="probe: fit the head on the frozen features first (LP-FT), so short runs start from a "
+                   "working classifier")  # fmt: skip
     p.add_argument("--warmup-lr", type=float, default=d.warmup_lr)
     p.add_argument("--min-lr", type=float, default=d.min_lr)
     p.add_argument("--weight-decay", type=float, default=d.weight_decay)
@@ -400,6 +403,45 @@ def add_schedule_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_schedule_search)
 
 
+def cmd_compare(args: argparse.Namespace) -> None:
+    from fpet.errors import FpetError
+    from training.evaluate import evaluate_run
+    from training.paired import mcnemar, paired_bootstrap
+
+    if len(args.a) != len(args.b):
+        raise FpetError("give as many runs for --a as for --b: they are paired by position (seed with seed)")
+
+    def correct(run: str) -> list[bool]:
+        print(f"evaluating {run} on every {args.split} image ...", file=sys.stderr)
+        return evaluate_run(run, args.data, split=args.split, per_image=True)["correct"]
+
+    pairs = [(correct(a), correct(b)) for a, b in zip(args.a, args.b, strict=True)]
+    result = {
+        "a": args.a, "b": args.b, "split": args.split,
+        "accuracy_a": [sum(a) / len(a) for a, _ in pairs], "accuracy_b": [sum(b) / len(b) for _, b in pairs],
+        "mcnemar": [mcnemar(a, b) for a, b in pairs], "bootstrap": paired_bootstrap(pairs),
+    }  # fmt: skip
+    if args.out:
+        from fpet.atomic import write_json_atomic
+
+        write_json_atomic(args.out, result)
+    print(json.dumps(result, indent=2))
+
+
+def add_compare_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "compare",
+        help="paired tests of two models (or two sets of seeds) on the same images: McNemar and a paired bootstrap",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--a", nargs="+", required=True, help="run folders of model A (one per seed)")
+    p.add_argument("--b", nargs="+", required=True, help="run folders of model B, paired with --a by position")
+    p.add_argument("--data", required=True)
+    p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    p.add_argument("--out", help="also write the result as JSON here")
+    p.set_defaults(func=cmd_compare)
+
+
 def cmd_pull(args: argparse.Namespace) -> None:
     from export.pull import pull_bundles
 
@@ -560,6 +602,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_pull_parser(sub)
     add_visualize_parser(sub)
     add_schedule_parser(sub)
+    add_compare_parser(sub)
     add_bench_parser(sub)
 
     weights = sub.add_parser("weights", help="pretrained backbones that work offline").add_subparsers(

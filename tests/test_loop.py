@@ -186,3 +186,16 @@ def test_timm_weights_without_timm_are_a_clear_error():
             checkpoint.read_weights(checkpoint.resolve_weights("timm:vit_small_patch16_224.augreg_in21k"))
     else:
         pytest.skip("timm is installed here")
+
+
+def test_a_probe_head_classifies_before_any_fine_tuning(data, tmp_path):
+    """With the learning rate at ~0 nothing but the head's initialisation can make the model right: the probe head
+    gets the easy colour classes, the random head does not."""
+    still = {"epochs": 1, "lr": 1e-12, "warmup_lr": 1e-12, "min_lr": 1e-12}
+    probe = train(tiny_config(data, tmp_path / "probe", head_init="probe", **still), log=lambda _: None)
+    random = train(tiny_config(data, tmp_path / "random", **still), log=lambda _: None)
+    assert probe["val"]["last"] >= 0.9 > random["val"]["last"]
+    config = json.loads((tmp_path / "probe" / "config.json").read_text())
+    assert config["train"]["head_init"] == "probe"
+    with pytest.raises(FpetError, match="--head-init"):
+        train(tiny_config(data, tmp_path / "bad", head_init="lp"), log=lambda _: None)

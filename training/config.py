@@ -28,6 +28,7 @@ class TrainConfig:
     warmup_lr: float = 1e-6
     min_lr: float = 1e-5
     weight_decay: float = 1e-4
+    head_init: str = "random"  # "probe": the head starts as a linear probe of the frozen features (LP-FT)
     drop_path: float = 0.1
     seed: int = 0
     eval_every: int = 10

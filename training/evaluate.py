@@ -21,6 +21,7 @@ def evaluate_run(
     batch_size: int = 256,
     device: str = "auto",
     weights: str | None = None,
+    per_image: bool = False,
 ) -> dict:
     model, config = load_run(run_dir, weights)
     pre = Preprocessing.from_dict(config["preprocessing"])
@@ -39,4 +40,4 @@ def evaluate_run(
     subset = source.decode(index, pre)
     target = pick_device(device, 0)
     torch.manual_seed(0)
-    return {"split": split, **evaluate(model.to(target), subset, pre, batch_size, target)}
+    return {"split": split, **evaluate(model.to(target), subset, pre, batch_size, target, per_image)}

@@ -21,6 +21,7 @@ from fpet.errors import FpetError
 from fpet.pet import PetConfig, load_trainable_state_dict, trainable_state_dict
 from fpet.pretrained import REGISTRY
 from fpet.schedule import parse_schedule, plan
+from fpet.vit import VisionTransformer
 from fpet.weights import load_backbone
 from training import checkpoint
 from training.config import TrainConfig
@@ -47,6 +48,34 @@ def lr_at(step: int, total: int, warmup: int, cfg: TrainConfig) -> float:
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
 
 
+def fit_probe(model: VisionTransformer, data: ImageSet, pre: Preprocessing, device: torch.device, steps: int = 100,
+              batch_size: int = 256, weight_decay: float = 1e-4) -> None:  # fmt: skip
+    """Set the head to a multinomial logistic regression on the model's own features before fine-tuning (LP-FT):
+    a short run then spends its steps on the adapters instead of on a random head (whose gradients also disturb
+    the adapters early on). Features come from the model as it starts (adapters at their initial, near-identity
+    state), with merging, in eval mode; L-BFGS, full batch."""
+    model.eval()
+    with torch.no_grad():
+        feats = torch.cat([model.forward_features(pre.to_input(data.pixels[i : i + batch_size].to(device)))[:, 0]
+                           for i in range(0, len(data), batch_size)])  # fmt: skip
+    labels = data.labels.to(device)
+    head = torch.nn.Linear(feats.shape[1], model.num_classes).to(device)
+    torch.nn.init.zeros_(head.weight)
+    torch.nn.init.zeros_(head.bias)
+    optimizer = torch.optim.LBFGS(head.parameters(), lr=1.0, max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = F.cross_entropy(head(feats), labels) + weight_decay * head.weight.square().sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    with torch.no_grad():
+        model.head.weight.copy_(head.weight)
+        model.head.bias.copy_(head.bias)
+
+
 def pick_device(name: str, local_rank: int) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
@@ -68,20 +97,31 @@ def setup_distributed(device: torch.device) -> tuple[int, int]:
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, data: ImageSet, pre: Preprocessing, batch_size: int, device: torch.device) -> dict:
-    """Accuracy (with its 95% interval) and mean cross-entropy on a whole split."""
+def evaluate(
+    model: torch.nn.Module,
+    data: ImageSet,
+    pre: Preprocessing,
+    batch_size: int,
+    device: torch.device,
+    per_image: bool = False,
+) -> dict:
+    """Accuracy (with its 95% interval) and mean cross-entropy on a whole split; with `per_image`, also whether
+    each image was right (for paired tests between models on the same images)."""
     model.eval()
-    correct, loss_sum = 0, 0.0
+    correct, loss_sum, right = 0, 0.0, []
     for i in range(0, len(data), batch_size):
         x = pre.to_input(data.pixels[i : i + batch_size].to(device))
         y = data.labels[i : i + batch_size].to(device)
         with torch.autocast(device.type, enabled=device.type == "cuda"):
             logits = model(x).float()
         loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
-        correct += (logits.argmax(-1) == y).sum().item()
+        hits = logits.argmax(-1) == y
+        correct += hits.sum().item()
+        right += hits.tolist() if per_image else []
     n = len(data)
     low, high = wilson_interval(correct, n)
-    return {"accuracy": correct / n, "ci95": [low, high], "loss": loss_sum / n, "n": n}
+    result = {"accuracy": correct / n, "ci95": [low, high], "loss": loss_sum / n, "n": n}
+    return {**result, "correct": right} if per_image else result
 
 
 def peak_memory_mb(device: torch.device) -> tuple[float, str]:
@@ -126,6 +166,8 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
         raise FpetError(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
     if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.eval_every < 1:
         raise FpetError("--epochs, --batch-size and --eval-every must be at least 1")
+    if cfg.head_init not in ("random", "probe"):
+        raise FpetError(f"unknown --head-init {cfg.head_init!r}; choose random or probe")
     weights_file = checkpoint.resolve_weights(cfg.weights)
 
     rank, world = setup_distributed(device)
@@ -152,6 +194,10 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
     if backbone_tensors is not None:
         load_backbone(model, backbone_tensors)
     model.to(device)
+    if cfg.head_init == "probe" and not cfg.resume:
+        start = time.monotonic()
+        fit_probe(model, train_set, pre, device)
+        say(f"head fitted as a linear probe of the starting features in {time.monotonic() - start:.1f} s")
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     history: list[dict] = []
