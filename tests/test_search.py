@@ -57,8 +57,8 @@ def test_search_with_data_trains_the_most_promising_and_chooses_by_accuracy(tmp_
     out = tmp_path / "search"
     result = run_fpet("schedule", "search", "--backbone", "vit_tiny_patch16_224", "--img-size", "64", "--max-gmacs",
                       "0.08", "--data", str(data), "--weights", "random", "--epochs", "1", "--train-top", "2",
-                      "--train-size", "16", "--val-size", "8",
-                      "--candidates", "4", "--repeats", "1", "--threads", "1", "--out", str(out), home=tmp_path)  # fmt: skip
+                      "--train-size", "16", "--val-size", "8", "--candidates", "4", "--repeats", "1", "--threads", "1",
+                      "--out", str(out), home=tmp_path)  # fmt: skip
     assert result.returncode == 0, result.stderr
     saved = json.loads((out / "schedules.json").read_text())
     trained = [row for row in saved["rows"] if "accuracy" in row]
