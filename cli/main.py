@@ -348,10 +348,12 @@ def cmd_schedule_search(args: argparse.Namespace) -> None:
         out = Path(args.out) / "runs"
 
         def train(spec: str) -> float:
+            """A short run with the quick-training settings (README): a probe head and lr 2e-3."""
             settings = {**base, "data": data, "out": str(out / spec.replace(":", "_").replace("+", "-")),
                         "schedule": spec, "method": method, "img_size": img_size, "epochs": args.epochs,
                         "warmup_epochs": min(base.get("warmup_epochs", 1), max(args.epochs // 5, 1)),
-                        "eval_every": args.epochs, "test": False, "resume": False}  # fmt: skip
+                        "eval_every": args.epochs, "test": False, "resume": False,
+                        "head_init": "probe", "lr": 2e-3}  # fmt: skip
             if not args.run:
                 settings.update(weights=args.weights, backbone=backbone, train_size=args.train_size,
                                 val_size=args.val_size)  # fmt: skip

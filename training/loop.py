@@ -49,7 +49,7 @@ def lr_at(step: int, total: int, warmup: int, cfg: TrainConfig) -> float:
 
 
 def fit_probe(model: VisionTransformer, data: ImageSet, pre: Preprocessing, device: torch.device, steps: int = 100,
-              batch_size: int = 256, weight_decay: float = 1e-4) -> None:  # fmt: skip
+              batch_size: int = 256, weight_decay: float = 1e-2) -> None:  # fmt: skip
     """Set the head to a multinomial logistic regression on the model's own features before fine-tuning (LP-FT):
     a short run then spends its steps on the adapters instead of on a random head (whose gradients also disturb
     the adapters early on). Features come from the model as it starts (adapters at their initial, near-identity
