@@ -67,7 +67,8 @@ def from_run(path: Path, schedule: str | None = None) -> Explainer:
         return logits.numpy(), maps.numpy() if info else None
 
     pre = Preprocessing.from_dict(config["preprocessing"]).to_dict()
-    name = "backbone" if schedule == "none" else "fpet"
+    methods = {point.method for point in model.schedule.points}
+    name = "backbone" if not methods else "tome" if methods == {"tome"} else "fpet"
     return Explainer(name, config["labels"], pre, predict, info and tuple(info["grid"]), info and info["points"])
 
 
