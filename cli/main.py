@@ -334,6 +334,8 @@ def cmd_schedule_search(args: argparse.Namespace) -> None:
     budget = Budget(args.min_speedup, args.max_gmacs)
     backbone, img_size, method, classes, base = args.backbone, args.img_size, args.method, 10, {}
     if args.run:
+        if not (Path(args.run) / "config.json").is_file():
+            raise FpetError(f"{args.run} is not a run folder (no config.json)")
         run = json.loads((Path(args.run) / "config.json").read_text())
         backbone, img_size, method = run["backbone"]["name"], run["preprocessing"]["img_size"], run["method"]
         classes, base = len(run["labels"]), run["train"]
@@ -357,6 +359,8 @@ def cmd_schedule_search(args: argparse.Namespace) -> None:
             if not args.run:
                 settings.update(weights=args.weights, backbone=backbone, train_size=args.train_size,
                                 val_size=args.val_size)  # fmt: skip
+            if not settings.get("val_size"):
+                raise FpetError("choosing by accuracy needs validation images: give --val-size above 0")
             return train_run(TrainConfig(**settings), log=lambda _: None)["val"]["last"]
 
     result = search(

@@ -12,9 +12,9 @@ from fpet.pretrained import sample_photo_files
 from training.data import Preprocessing, Source, open_split
 
 BATCH_SIZES = (1, 8)
-# fp32 must agree on every image. fp16 matches in fp32 (fpet.merge), so it must agree on every image too; its
-# logits differ by rounding only. int8 moves logits further and may flip near-ties: it is judged by top-1 agreement
-# and, where the run's data is here, by its accuracy on held-out images against the fp32 model's.
+# fp32 must agree on every image that is not a near-tie (see compare). fp16 matches in fp32 (fpet.merge), so it must
+# too; its logits differ by rounding only. int8 moves logits further: it is judged by top-1 agreement and, where the
+# run's data is here, by its accuracy on held-out images against the fp32 model's.
 THRESHOLDS = {
     "fp32": {"max_abs_error": 1e-3, "top1_agreement": 1.0},
     "fp16": {"max_abs_error": 0.25, "top1_agreement": 1.0},
@@ -91,12 +91,20 @@ def heldout_accuracy(reference, run, config: dict, batch_size: int = 64) -> dict
 
 
 def compare(reference: np.ndarray, candidate: np.ndarray, precision: str) -> dict:
+    """Max abs logit error, and top-1 agreement judged on the images that are not near-ties: where the reference's
+    two best logits are closer than the allowed error, either answer is within tolerance (the packaged photos are
+    off-task for most runs, and their top two can be that close)."""
     limits = THRESHOLDS[precision]
     error = float(np.abs(reference - candidate).max())
-    agreement = float((reference.argmax(-1) == candidate.argmax(-1)).mean())
+    same = reference.argmax(-1) == candidate.argmax(-1)
+    top2 = np.sort(reference, axis=-1)[:, -2:]
+    decided = top2[:, 1] - top2[:, 0] > limits["max_abs_error"]
+    agreement = float(same[decided].mean()) if decided.any() else 1.0
     return {
         "max_abs_error": error,
         "top1_agreement": agreement,
+        "top1_agreement_all_images": float(same.mean()),
+        "near_ties": int((~decided).sum()),
         "thresholds": limits,
         "passed": error <= limits["max_abs_error"] and agreement >= limits["top1_agreement"],
     }

@@ -418,3 +418,15 @@ def test_the_service_imports_no_torch():
     code = "import sys, service.app, service.server; assert 'torch' not in sys.modules, 'torch was imported'"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_recent_rate_counts_every_request_beyond_the_latency_sample():
+    from service.recent import RecentLatencies
+
+    recent = RecentLatencies(window=10.0, cap=5)
+    for i in range(100):
+        recent.observe("fpet", 0.01 * (i % 10 + 1), now=1000.0 + i * 0.05)  # 100 requests in 5 s
+    summary = recent.summary(now=1005.0)["models"]["fpet"]
+    assert summary["requests"] == 100 and summary["requests_per_s"] == 10.0
+    assert 10 <= summary["p50_ms"] <= 100
+    assert recent.summary(now=1100.0)["models"]["fpet"]["requests"] == 0  # the window moved on

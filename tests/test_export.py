@@ -233,3 +233,16 @@ def test_int8_is_judged_on_held_out_images_of_the_run(tmp_path, monkeypatch):
 def test_int8_is_onnx_only():
     with pytest.raises(FpetError, match="int8 bundles are ONNX only"):
         ExportOptions(precision="int8")
+
+
+def test_near_ties_do_not_count_against_top1_agreement():
+    from export.verify import compare
+
+    reference = np.array([[2.0, 1.0, 0.0], [1.0, 1.1, 0.0]])  # the second image is a near-tie for fp16's 0.25
+    flipped_tie = np.array([[2.0, 1.0, 0.0], [1.1, 1.0, 0.0]])
+    result = compare(reference, flipped_tie, "fp16")
+    assert result["passed"] and result["near_ties"] == 1 and result["top1_agreement_all_images"] == 0.5
+    decided = np.array([[1.3, 1.0, 0.0], [1.0, 1.1, 0.0]])  # margin 0.3: not a tie at fp16's 0.25
+    flipped = np.array([[1.1, 1.2, 0.0], [1.0, 1.1, 0.0]])  # every logit within 0.2, yet the answer changed
+    result = compare(decided, flipped, "fp16")
+    assert result["max_abs_error"] <= 0.25 and result["top1_agreement"] == 0.0 and not result["passed"]

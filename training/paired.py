@@ -13,6 +13,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+CHUNK = 250
+
 
 def mcnemar(a: Sequence[bool], b: Sequence[bool]) -> dict:
     """Exact two-sided McNemar test: under 'no difference' each discordant image is a fair coin."""
@@ -32,8 +34,11 @@ def paired_bootstrap(
     b = np.stack([np.asarray(p[1], np.float64) for p in pairs])
     diff = (a - b).mean(axis=0)  # per image, averaged over seeds
     rng = np.random.default_rng(seed)
-    idx = rng.integers(0, diff.size, size=(draws, diff.size))
-    means = diff[idx].mean(axis=1) * 100
+    chunks = [  # a few hundred draws at a time: memory stays at chunk x images whatever the number of draws
+        diff[rng.integers(0, diff.size, size=(min(CHUNK, draws - start), diff.size))].mean(axis=1)
+        for start in range(0, draws, CHUNK)
+    ]
+    means = np.concatenate(chunks) * 100
     return {
         "difference_points": float(diff.mean() * 100),
         "ci95_points": [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))],

@@ -77,10 +77,12 @@ async def explain(
         png = wants_png(request, format_)
         if png and runner.merge_maps is None:
             raise ServiceError(400, "invalid_request", f"model {model!r} merges no tokens: there is no map to draw")
+        raw = await read_images(request, state.settings)  # before a slot: a slow upload holds none
+        if len(raw) != 1:
+            raise ServiceError(400, "invalid_request", f"explain takes one image; this request has {len(raw)}")
+        (image,) = await decoded(request, state, raw, runner.img_size)
         await acquire(state)
         try:
-            raw = await read_images(request, state.settings)
-            (image,) = await decoded(request, state, raw[:1], runner.img_size)
             t = time.perf_counter()
             pixels, logits, maps = await asyncio.to_thread(explain_image, runner, image)
             inference = (time.perf_counter() - t) * 1000

@@ -4,6 +4,14 @@
 const $ = (id) => document.getElementById(id);
 const TYPES = ["image/jpeg", "image/png", "image/webp"];
 let busy = false;
+const shown = { preview: null, overlay: null }; // blob URLs on screen, freed when replaced
+
+function show(id, blob) {
+  if (shown[id]) URL.revokeObjectURL(shown[id]);
+  shown[id] = blob ? URL.createObjectURL(blob) : null;
+  if (shown[id]) $(id).src = shown[id];
+  else $(id).removeAttribute("src");
+}
 
 function headers(type) {
   const h = { "Content-Type": type };
@@ -69,7 +77,10 @@ async function classify(blob, name) {
   showError("");
   document.body.setAttribute("aria-busy", "true");
   try {
-    $("preview").src = URL.createObjectURL(blob);
+    show("preview", blob);
+    show("overlay", null); // no stale map beside a new image
+    $("overlay-caption").textContent = "";
+    delete $("result").dataset.done;
     const compare = await (await post("/classify/compare?top_k=5", blob)).json();
     for (const [model, entry] of Object.entries(compare.models)) renderModel(model, entry);
     $("speedup").textContent = compare.speedup
@@ -82,7 +93,7 @@ async function classify(blob, name) {
     if (compare.models.fpet) {
       const plan = await (await post("/models/fpet/explain?top_k=1", blob)).json();
       const picture = await (await post("/models/fpet/explain?format=png", blob, "image/png")).blob();
-      $("overlay").src = URL.createObjectURL(picture);
+      show("overlay", picture);
       $("overlay-caption").textContent = plan.merges
         .map((m) => `after block ${m.block}: ${m.tokens_before - 1} patches → ${m.tokens_after - 1} tokens`)
         .join("; ");
