@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,23 +30,15 @@ class Explainer:
 
 
 def from_bundle(path: Path) -> Explainer:
-    from fpet.sessions import create_session
+    from service.runtime import ModelRunner
 
-    manifest = read_manifest(path)
-    if "onnx" not in manifest["files"]:
+    if "onnx" not in read_manifest(path)["files"]:
         raise FpetError(f"{path} has no ONNX graph to explain")
-    session = create_session(path / manifest["files"]["onnx"])
-    maps = manifest.get("merge_maps")
-    names = [manifest["output"]["name"]] + ([maps["output"]] if maps else [])
-    dtype = np.float16 if manifest["precision"] == "fp16" else np.float32
-
-    def predict(x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        outputs = session.run(names, {manifest["input"]["name"]: x.astype(dtype)})
-        return outputs[0].astype(np.float32), outputs[1] if maps else None
-
-    labels = json.loads((path / manifest["files"]["labels"]).read_text())
+    runner = ModelRunner(path, providers="cpu")
+    maps = runner.merge_maps
     grid = tuple(maps["grid"]) if maps else None
-    return Explainer(manifest["variant"], labels, manifest["preprocessing"], predict, grid, maps and maps["points"])
+    pre = {"img_size": runner.img_size, "mean": runner.mean, "std": runner.std}
+    return Explainer(runner.name, runner.labels, pre, runner.explain, grid, maps and maps["points"])
 
 
 def from_run(path: Path, schedule: str | None = None) -> Explainer:
@@ -59,7 +50,7 @@ def from_run(path: Path, schedule: str | None = None) -> Explainer:
 
     model, config = load_run(path, schedule=schedule)
     model.eval()
-    info = merge_maps_info(model) if any(model.merge_plan()) else None
+    info = merge_maps_info(model) if model.merges else None
 
     def predict(x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         with torch.no_grad():

@@ -54,10 +54,6 @@ class WithMergeMaps(torch.nn.Module):
         return self.model.forward_explained(x)
 
 
-def has_merges(model: VisionTransformer) -> bool:
-    return any(step is not None for step in model.merge_plan())
-
-
 @dataclass(frozen=True)
 class ExportOptions:
     variant: str = "fpet"
@@ -124,7 +120,7 @@ def export_int8(
     from export.quantize import quantize_int8
 
     fp32 = folder / "model.fp32.onnx"
-    export_onnx(model, fp32, example, options.opset, maps=has_merges(model))
+    export_onnx(model, fp32, example, options.opset, maps=model.merges)
     calibration = calibration_inputs(config) if options.quantization == "static" else None
     log(f"quantizing to int8 ({options.quantization}) ...")
     try:
@@ -133,7 +129,7 @@ def export_int8(
         fp32.unlink()
 
 
-def verify_maps(reference: VisionTransformer, inputs: torch.Tensor, path: Path, precision: str) -> dict:
+def verify_maps(reference_maps: np.ndarray, inputs: torch.Tensor, path: Path, precision: str) -> dict:
     """The graph's merge maps against PyTorch's, as groupings of patches (token numbering aside: a near-tie in the
     order of the kept tokens renumbers them without changing what merged). Identical in fp32; recorded for lower
     precisions, whose keys differ by rounding and may pick another partner for a near-tie."""
@@ -142,8 +138,7 @@ def verify_maps(reference: VisionTransformer, inputs: torch.Tensor, path: Path, 
     def groupings(maps: np.ndarray) -> list[list[list[tuple[int, ...]]]]:
         return [[sorted(tuple(g) for g in groups_of(row)) for row in image] for image in maps]
 
-    with torch.no_grad():
-        expected = groupings(reference.forward_explained(inputs)[1].numpy())
+    expected = groupings(reference_maps)
     session = create_session(path, optimization=ORT_OPTIMIZATION)
     x = inputs.numpy().astype(np.float16 if precision == "fp16" else np.float32)
     got = groupings(session.run([MAPS_NAME], {INPUT_NAME: x})[0])
@@ -214,8 +209,8 @@ def export_bundle(
     pre = Preprocessing.from_dict(config["preprocessing"])
     pixels, image_names = verification_pixels(config)
     inputs = pre.to_input(pixels)
-    with torch.no_grad():
-        expected = reference(inputs).numpy()
+    with torch.no_grad():  # one pass for the reference logits and merge maps
+        expected, expected_maps = (t.numpy() for t in reference.forward_explained(inputs))
     example = inputs[:2].to(dtype)
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -229,7 +224,7 @@ def export_bundle(
             if fmt == "onnx" and options.precision == "int8":
                 quantization = export_int8(deployed, tmp, example, options, config, log)
             elif fmt == "onnx":
-                export_onnx(deployed, tmp / FORMATS[fmt], example, options.opset, maps=has_merges(deployed))
+                export_onnx(deployed, tmp / FORMATS[fmt], example, options.opset, maps=deployed.merges)
             else:
                 export_torchscript(deployed, tmp / FORMATS[fmt], example)
             files[fmt] = FORMATS[fmt]
@@ -237,9 +232,10 @@ def export_bundle(
         log(f"verifying against PyTorch on {len(image_names)} real images at batch sizes 1 and 8 ...")
         runners = {fmt: RUNNERS[fmt](tmp / name) for fmt, name in files.items()}
         verification = verify_formats(expected, inputs.to(dtype).numpy(), runners, options.precision)
-        if "onnx" in files and has_merges(deployed):
-            verification["onnx"]["merge_maps"] = verify_maps(reference, inputs, tmp / files["onnx"], options.precision)
-            verification["onnx"]["passed"] &= verification["onnx"]["merge_maps"]["passed"]
+        if "onnx" in files and deployed.merges:
+            maps = verify_maps(expected_maps, inputs, tmp / files["onnx"], options.precision)
+            verification["onnx"]["merge_maps"] = maps
+            verification["onnx"]["passed"] &= maps["passed"]
         if quantization is not None:
             log("measuring accuracy on held-out images of the run's data against the fp32 model ...")
             heldout = heldout_accuracy(reference, runners["onnx"], config)
@@ -314,7 +310,7 @@ def build_manifest(
             "dtype": "float16" if options.precision == "fp16" else "float32",  # int8 bundles take float input
         },
         "output": {"name": OUTPUT_NAME, "shape": ["batch", len(config["labels"])]},
-        "merge_maps": merge_maps_info(model) if "onnx" in files and has_merges(model) else None,
+        "merge_maps": merge_maps_info(model) if "onnx" in files and model.merges else None,
         "img_size": size,
         "preprocessing": config["preprocessing"],
         "num_classes": len(config["labels"]),

@@ -221,6 +221,10 @@ class VisionTransformer(nn.Module):
     def merge_plan(self, grid: tuple[int, int] | None = None) -> tuple[MergeStep | None, ...]:
         return _cached_plan(self.schedule, self.cfg.depth, grid or self.grid)
 
+    @property
+    def merges(self) -> bool:
+        return any(step is not None for step in self.merge_plan())
+
     def _pos_embed(self, grid: tuple[int, int]) -> Tensor:
         if grid == self.grid:
             return self.pos_embed
