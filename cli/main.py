@@ -411,6 +411,7 @@ def add_schedule_parser(sub: argparse._SubParsersAction) -> None:
 
 def cmd_compare(args: argparse.Namespace) -> None:
     from fpet.errors import FpetError
+    from training.checkpoint import read_test_correct
     from training.evaluate import evaluate_run
     from training.paired import mcnemar, paired_bootstrap
 
@@ -418,6 +419,10 @@ def cmd_compare(args: argparse.Namespace) -> None:
         raise FpetError("give as many runs for --a as for --b: they are paired by position (seed with seed)")
 
     def correct(run: str) -> list[bool]:
+        stored = None if args.split != "test" or args.recompute else read_test_correct(run, args.data)
+        if stored is not None:
+            print(f"{run}: per-image test results stored by training", file=sys.stderr)
+            return stored
         print(f"evaluating {run} on every {args.split} image ...", file=sys.stderr)
         return evaluate_run(run, args.data, split=args.split, per_image=True)["correct"]
 
@@ -444,6 +449,9 @@ def add_compare_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--b", nargs="+", required=True, help="run folders of model B, paired with --a by position")
     p.add_argument("--data", required=True)
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    p.add_argument(
+        "--recompute", action="store_true", help="evaluate every run even where training stored per-image results"
+    )
     p.add_argument("--out", help="also write the result as JSON here")
     p.set_defaults(func=cmd_compare)
 

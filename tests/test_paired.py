@@ -49,3 +49,24 @@ def test_compare_two_runs_on_the_same_images(tmp_path):
     bad = run_fpet("compare", "--a", str(tmp_path / "a"), "--b", str(tmp_path / "b"), str(tmp_path / "a"),
                    "--data", str(tmp_path / "data"), home=tmp_path)  # fmt: skip
     assert bad.returncode != 0 and "as many runs" in bad.stderr
+
+
+def test_training_stores_per_image_test_results_that_compare_reuses(tmp_path):
+    make_image_folder(tmp_path / "data" / "train", per_class=12)
+    make_image_folder(tmp_path / "data" / "test", per_class=4, seed=1)
+    for name, schedule in (("a", "6:0.5"), ("b", "none")):
+        train(
+            tiny_config(tmp_path / "data", tmp_path / name, schedule=schedule, epochs=1, test=True), log=lambda _: None
+        )
+    stored = json.loads((tmp_path / "a" / "test_correct.json").read_text())
+    metrics = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    assert stored["n"] == 12 and stored["correct"].count("1") / 12 == pytest.approx(metrics["test"]["last"]["accuracy"])
+    args = ("compare", "--a", str(tmp_path / "a"), "--b", str(tmp_path / "b"), "--data", str(tmp_path / "data"))
+    reused = run_fpet(*args, home=tmp_path)
+    assert reused.returncode == 0 and reused.stderr.count("stored by training") == 2, reused.stderr
+    recomputed = run_fpet(*args, "--recompute", home=tmp_path)
+    assert recomputed.returncode == 0 and "stored by training" not in recomputed.stderr
+    assert json.loads(reused.stdout) == json.loads(recomputed.stdout)
+    other = run_fpet("compare", "--a", str(tmp_path / "a"), "--b", str(tmp_path / "b"), "--data",
+                     str(tmp_path / "data" / "."), "--split", "val", home=tmp_path)  # fmt: skip
+    assert "stored by training" not in other.stderr

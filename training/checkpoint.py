@@ -22,12 +22,13 @@ from fpet.vit import VisionTransformer
 from fpet.weights import load_backbone, load_timm_weights, read_state_dict, tensors_sha256
 
 FORMAT_VERSION = 1
-ADAPTERS, CONFIG, METRICS, LABELS, RESUME = (
+ADAPTERS, CONFIG, METRICS, LABELS, RESUME, TEST_CORRECT = (
     "adapters.safetensors",
     "config.json",
     "metrics.json",
     "labels.json",
     "resume.pt",
+    "test_correct.json",
 )
 
 
@@ -86,6 +87,26 @@ def write_run(run_dir: Path, model: VisionTransformer, config: dict, metrics: di
     write_json_atomic(run_dir / CONFIG, config)
     write_json_atomic(run_dir / METRICS, metrics)
     write_json_atomic(run_dir / LABELS, config["labels"])
+
+
+def write_test_correct(run_dir: Path, data: str, correct: list[bool]) -> None:
+    """Keep which test images the final model got right, so paired tests between runs need no re-evaluation."""
+    bits = "".join("1" if c else "0" for c in correct)
+    write_json_atomic(run_dir / TEST_CORRECT, {"data": str(Path(data).resolve()), "n": len(bits), "correct": bits})
+
+
+def read_test_correct(run_dir: str | Path, data: str) -> list[bool] | None:
+    """The stored per-image results on `data`'s test split, or None when the run has none for that data."""
+    path = Path(run_dir) / TEST_CORRECT
+    if not path.is_file():
+        return None
+    stored = json.loads(path.read_text())
+    bits = stored.get("correct")
+    if stored.get("data") != str(Path(data).resolve()) or not isinstance(bits, str) or len(bits) != stored.get("n"):
+        return None
+    if set(bits) - {"0", "1"}:
+        raise FpetError(f"{path} is damaged: 'correct' must hold only 0 and 1; delete it to re-evaluate the run")
+    return [b == "1" for b in bits]
 
 
 def read_config(run_dir: str | Path) -> dict:

@@ -310,7 +310,9 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
                 test = test_source.decode(range(len(test_source)), pre, cfg.strict)
             metrics["skipped_images"] += test.skipped
             say(f"evaluating the last epoch on {len(test)} test images ...")
-            metrics["test"] = {"last": evaluate(model, test, pre, cfg.eval_batch_size, device)}
+            last = evaluate(model, test, pre, cfg.eval_batch_size, device, per_image=True)
+            checkpoint.write_test_correct(out, cfg.data, last.pop("correct"))
+            metrics["test"] = {"last": last}
             if eval_split == "val" and best["tensors"] is not None and best["epoch"] != history[-1]["epoch"]:
                 last_tensors = trainable_state_dict(model)
                 load_trainable_state_dict(model, best["tensors"])
