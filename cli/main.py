@@ -50,6 +50,16 @@ def cmd_weights_fetch(args: argparse.Namespace) -> None:
     print(weights_path(args.name))
 
 
+def label_group(text: str) -> tuple[str, list[str]]:
+    from fpet.errors import FpetError
+    from training.data import parse_label_group
+
+    try:
+        return parse_label_group(text)
+    except FpetError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def cmd_train(args: argparse.Namespace) -> None:
     import logging
 
@@ -58,6 +68,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     fields = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__}
+    fields["label_groups"] = tuple((name, tuple(members)) for name, members in args.label_groups or ())
     metrics = train(TrainConfig(**fields), log=lambda message: print(message, flush=True))
     if metrics:
         print(json.dumps(summary_of(metrics), indent=2))
@@ -100,6 +111,11 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--out", required=True, help="run folder to create")
     p.add_argument("--data-format", default=d.data_format, choices=["auto", "folder", "vtab", "fashion-mnist"])
+    p.add_argument(
+        "--group", dest="label_groups", action="append", type=label_group, metavar="NAME=CLASS,CLASS",
+        help="train on a new label set: a class NAME made of the data's classes (repeat; unlisted classes are left "
+        "out), e.g. --group footwear=Sandal,Sneaker,'Ankle boot' --group bags=Bag",
+    )  # fmt: skip
     p.add_argument(
         "--weights",
         default=d.weights,

@@ -9,7 +9,7 @@ import torch
 from PIL import Image, ImageOps
 
 from fpet.pretrained import sample_photo_files
-from training.data import Preprocessing, Source, open_split
+from training.data import Preprocessing, Source, label_groups, open_split
 
 BATCH_SIZES = (1, 8)
 # fp32 must agree on every image that is not a near-tie (see compare). fp16 matches in fp32 (fpet.merge), so it must
@@ -50,7 +50,8 @@ def run_split(config: dict, split: str) -> Source | None:
     data = Path(config.get("train", {}).get("data", "") or "/nonexistent")
     if not data.is_dir():
         return None
-    return open_split(data, split, fmt=config["train"].get("data_format", "auto"), classes=config["labels"])
+    fmt = config["train"].get("data_format", "auto")
+    return open_split(data, split, fmt=fmt, classes=config["labels"], groups=label_groups(config))
 
 
 def model_inputs(source: Source, index: list[int], config: dict) -> tuple[torch.Tensor, torch.Tensor]:

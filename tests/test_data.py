@@ -8,7 +8,14 @@ from PIL import Image
 from fpet.errors import FpetError
 from fpet.imaging import to_rgb
 from tests.training_helpers import make_image_folder
-from training.data import FASHION_MNIST_CLASSES, Preprocessing, open_split, split_train_val
+from training.data import (
+    FASHION_MNIST_CLASSES,
+    Preprocessing,
+    open_split,
+    parse_label_group,
+    regroup,
+    split_train_val,
+)
 
 PRE = Preprocessing(img_size=16)
 
@@ -143,3 +150,20 @@ def test_preprocessing_normalises_as_recorded():
     assert imagenet.to_dict()["mean"] == [0.485, 0.456, 0.406]
     with pytest.raises(FpetError, match="unknown normalisation"):
         Preprocessing(2, normalize="zscore")
+
+
+def test_label_groups_make_a_new_task_from_the_same_images(tmp_path):
+    make_image_folder(tmp_path / "data", per_class=4)
+    groups = [("warm", ["class_0", "class_1"]), ("cold", ["class_2"])]
+    source = open_split(tmp_path / "data", "train", groups=groups)
+    assert source.classes == ["warm", "cold"] and source.labels == [0] * 8 + [1] * 4
+    assert source.names[8].endswith("class_2/000.png")
+    subset = open_split(tmp_path / "data", "train", groups=[("a", ["class_2"]), ("b", ["class_0"])])
+    assert subset.labels == [1] * 4 + [0] * 4 and len(subset) == 8  # class_1 is in no group: left out
+    with pytest.raises(FpetError, match="not a class of the data"):
+        open_split(tmp_path / "data", "train", groups=[("x", ["class_9"])])
+    with pytest.raises(FpetError, match="in two label groups"):
+        regroup(source, [("x", ["warm"]), ("y", ["warm"])])
+    assert parse_label_group("footwear=Sandal, Ankle boot") == ("footwear", ["Sandal", "Ankle boot"])
+    with pytest.raises(FpetError, match="NAME=CLASS"):
+        parse_label_group("footwear")

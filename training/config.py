@@ -18,6 +18,7 @@ class TrainConfig:
     img_size: int = 224
     normalize: str = "none"
     data_format: str = "auto"
+    label_groups: tuple[tuple[str, tuple[str, ...]], ...] = ()  # new classes made of the data's (NAME=A,B)
     train_size: int = 800
     val_size: int = 200
     test: bool = True

@@ -194,8 +194,63 @@ def detect_format(root: Path) -> str:
     return "folder"
 
 
-def open_split(root: str | Path, split: str, *, fmt: str = "auto", classes: list[str] | None = None) -> Source | None:
-    """The `train` pool or the `test` split of a dataset; None when the dataset has no such split."""
+LabelGroups = list[tuple[str, list[str]]]
+
+
+def parse_label_group(text: str) -> tuple[str, list[str]]:
+    """`NAME=CLASS,CLASS,...`: a class of a new task made of classes of the dataset."""
+    name, sep, members = text.partition("=")
+    parts = [m.strip() for m in members.split(",") if m.strip()]
+    if not sep or not name.strip() or not parts:
+        raise FpetError(f"a label group is NAME=CLASS[,CLASS...], got {text!r}")
+    return name.strip(), parts
+
+
+def label_groups(config: dict) -> LabelGroups:
+    """A run's label groups, from its config (none for runs on the data's own classes)."""
+    return [(name, list(members)) for name, members in config.get("train", {}).get("label_groups") or ()]
+
+
+def regroup(source: Source, groups: LabelGroups) -> Source:
+    """The same images under a new label set: each group is a new class made of the dataset's classes, and images
+    of classes in no group are left out. One dataset thus gives several tasks (e.g. coarse categories)."""
+    target = {}
+    for label, (name, members) in enumerate(groups):
+        for member in members:
+            if member not in source.classes:
+                raise FpetError(f"label group {name!r} names {member!r}, not a class of the data: {source.classes}")
+            if member in target:
+                raise FpetError(f"class {member!r} is in two label groups")
+            target[member] = label
+    keep = [i for i, label in enumerate(source.labels) if source.classes[label] in target]
+    return Source(
+        [target[source.classes[source.labels[i]]] for i in keep],
+        [name for name, _ in groups],
+        lambda j: source.open_image(keep[j]),
+        [source.names[i] for i in keep],
+    )
+
+
+def open_split(
+    root: str | Path,
+    split: str,
+    *,
+    fmt: str = "auto",
+    classes: list[str] | None = None,
+    groups: LabelGroups | None = None,
+) -> Source | None:
+    """The `train` pool or the `test` split of a dataset (relabelled by `groups` when given); None when the dataset
+    has no such split."""
+    source = _open_split(root, split, fmt, None if groups else classes)
+    if source is None or not groups:
+        return source
+    source = regroup(source, groups)
+    if classes is not None and source.classes != classes:
+        raise FpetError(f"the label groups give classes {source.classes}, expected {classes}")
+    return source
+
+
+def _open_split(root: str | Path, split: str, fmt: str, classes: list[str] | None) -> Source | None:
     root = Path(root).expanduser()
     if not root.is_dir():
         raise FpetError(f"data folder {root} does not exist")

@@ -8,7 +8,7 @@ import torch
 
 from fpet.errors import FpetError
 from training.checkpoint import load_run
-from training.data import Preprocessing, open_split, split_train_val
+from training.data import Preprocessing, label_groups, open_split, split_train_val
 from training.loop import evaluate, pick_device
 
 
@@ -28,7 +28,8 @@ def evaluate_run(
     train = config["train"]
     if split not in ("train", "val", "test"):
         raise FpetError(f"unknown split {split!r}; choose train, val or test")
-    source = open_split(data, "test" if split == "test" else "train", fmt=data_format, classes=config["labels"])
+    source = open_split(data, "test" if split == "test" else "train", fmt=data_format, classes=config["labels"],
+                        groups=label_groups(config))  # fmt: skip
     if source is None:
         raise FpetError(f"{data} has no {split} split")
     if source.classes != config["labels"]:

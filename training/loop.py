@@ -172,11 +172,14 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
 
     rank, world = setup_distributed(device)
     say = log if rank == 0 else (lambda _msg: None)
-    pool = open_split(cfg.data, "train", fmt=cfg.data_format)
+    groups = [(name, list(members)) for name, members in cfg.label_groups]
+    pool = open_split(cfg.data, "train", fmt=cfg.data_format, groups=groups)
     assert pool is not None
     if len(pool.classes) < 2:
         raise FpetError(f"{cfg.data} has {len(pool.classes)} class; classification needs at least 2")
-    test_source = open_split(cfg.data, "test", fmt=cfg.data_format, classes=pool.classes) if cfg.test else None
+    test_source = None
+    if cfg.test:
+        test_source = open_split(cfg.data, "test", fmt=cfg.data_format, classes=pool.classes, groups=groups)
     train_idx, val_idx = split_train_val(len(pool), cfg.train_size, cfg.val_size, cfg.seed)
     say(f"decoding {len(train_idx)} train and {len(val_idx)} val images from {cfg.data} at {cfg.img_size} px ...")
     train_set = pool.decode(train_idx, pre, cfg.strict)
