@@ -180,8 +180,19 @@ def cmd_export(args: argparse.Namespace) -> None:
         for variant, path in ensure_default_bundles(force=args.force, log=log).items():
             print(f"{variant}\t{path}")
         return
+    if args.tasks:
+        if args.run or args.format not in (None, "onnx") or args.precision != "fp32" or not args.out:
+            raise FpetError("--tasks takes run folders (NAME=RUN to name a task) and --out; its bundle is fp32 ONNX")
+        from export.multitask import export_multitask, parse_tasks
+
+        manifest = export_multitask(parse_tasks(args.tasks), args.out, variant=args.variant, opset=args.opset, log=log)
+        for name, result in manifest["verification"]["tasks"].items():
+            mixed = manifest["verification"]["mixed_batch"]["tasks"][name]
+            log(f"{name}: max abs error {result['max_abs_error']:.2e} alone, {mixed['max_abs_error']:.2e} mixed")
+        print(args.out)
+        return
     if not args.run or not args.out:
-        raise FpetError("give RUN_DIR and --out BUNDLE_DIR, or --default")
+        raise FpetError("give RUN_DIR and --out BUNDLE_DIR, --tasks RUN... and --out, or --default")
     default_format = "onnx" if args.precision == "int8" else "onnx,torchscript"
     formats = tuple(f.strip() for f in (args.format or default_format).split(",") if f.strip())
     if "triton" in formats:
@@ -217,6 +228,11 @@ def add_export_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("run", nargs="?", help="run folder written by fpet train")
     p.add_argument("--out", help="bundle folder to write (replaced only after verification passes)")
+    p.add_argument(
+        "--tasks", nargs="+", metavar="[NAME=]RUN",
+        help="a multi-task bundle: one graph for these runs of one backbone, image size and schedule, adapters "
+        "chosen per image (task names default to the run folders' names)",
+    )  # fmt: skip
     p.add_argument(
         "--variant", default="fpet", choices=["fpet", "backbone"], help="with merging, or the same model without"
     )

@@ -35,10 +35,13 @@ def from_bundle(path: Path) -> Explainer:
     if "onnx" not in read_manifest(path)["files"]:
         raise FpetError(f"{path} has no ONNX graph to explain")
     runner = ModelRunner(path, providers="cpu")
+    if runner.single is None:
+        raise FpetError(f"{path} is a multi-task bundle: visualize one of its tasks' runs, or serve it and POST "
+                        "/models/fpet/explain?task=TASK")  # fmt: skip
     maps = runner.merge_maps
     grid = tuple(maps["grid"]) if maps else None
     pre = {"img_size": runner.img_size, "mean": runner.mean, "std": runner.std}
-    return Explainer(runner.name, runner.labels, pre, runner.explain, grid, maps and maps["points"])
+    return Explainer(runner.name, runner.single.labels, pre, runner.explain, grid, maps and maps["points"])
 
 
 def from_run(path: Path, schedule: str | None = None) -> Explainer:

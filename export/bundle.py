@@ -1,6 +1,7 @@
 """The bundle format: what export writes and the service reads. Pure Python, no torch, so the service stays light.
 
-A bundle is one folder per variant: `model.onnx`, `model.ts` (TorchScript), `labels.json` and `manifest.json`.
+A bundle is one folder per variant: `model.onnx`, `model.ts` (TorchScript), `labels.json` and `manifest.json`. A
+multi-task bundle (`export.multitask`) has one graph for several tasks, and `labels.json` maps each task to its labels.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from pathlib import Path
 from fpet.errors import FpetError
 
 BUNDLE_FORMAT = 2  # 2: fpet graphs have a second output, the merge maps (manifest `merge_maps`)
+MULTITASK_BUNDLE_FORMAT = 3  # several tasks in one graph: a `task` input, manifest `tasks`, labels per task
 MANIFEST, LABELS, ONNX_FILE, TORCHSCRIPT_FILE = "manifest.json", "labels.json", "model.onnx", "model.ts"
 VARIANTS = ("fpet", "backbone")
 FORMATS = {"onnx": ONNX_FILE, "torchscript": TORCHSCRIPT_FILE}
@@ -28,8 +30,8 @@ def read_manifest(bundle_dir: str | Path) -> dict:
         raise FpetError(f"{bundle_dir} is not a model bundle (no {MANIFEST})")
     manifest = json.loads((bundle_dir / MANIFEST).read_text())
     version = manifest.get("bundle_format")
-    if not isinstance(version, int) or version > BUNDLE_FORMAT:
-        raise FpetError(f"{bundle_dir} has bundle format {version!r}; this fpet reads up to {BUNDLE_FORMAT}")
+    if not isinstance(version, int) or version > MULTITASK_BUNDLE_FORMAT:
+        raise FpetError(f"{bundle_dir} has bundle format {version!r}; this fpet reads up to {MULTITASK_BUNDLE_FORMAT}")
     for name in manifest.get("files", {}).values():
         if not (bundle_dir / name).is_file():
             raise FpetError(f"bundle {bundle_dir} lacks {name}")

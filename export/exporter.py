@@ -50,8 +50,8 @@ class WithMergeMaps(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.model.forward_explained(x)
+    def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.model.forward_explained(*inputs)
 
 
 @dataclass(frozen=True)
@@ -88,20 +88,28 @@ def run_checksum(run_dir: Path) -> str:
     return digest.hexdigest()
 
 
-def export_onnx(model: VisionTransformer, path: Path, example: torch.Tensor, opset: int, maps: bool = False) -> None:
+def export_onnx(
+    model: VisionTransformer,
+    path: Path,
+    example: torch.Tensor | tuple[torch.Tensor, ...],
+    opset: int,
+    maps: bool = False,
+    input_names: tuple[str, ...] = (INPUT_NAME,),
+) -> None:
     """Legacy (TorchScript-based) exporter: 2-3 s, exact for this model; the dynamo exporter takes ~20 s. With
-    `maps`, the merge maps are a second output."""
+    `maps`, the merge maps are a second output. Every input and output has a dynamic batch axis."""
     import onnx
 
+    example = example if isinstance(example, tuple) else (example,)
     outputs = [OUTPUT_NAME, MAPS_NAME] if maps else [OUTPUT_NAME]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         # the wrapper takes the model's mode: the exporter restores the wrapper's afterwards, recursively
         exported = WithMergeMaps(model).train(model.training) if maps else model
         torch.onnx.export(
-            exported, (example,), str(path), dynamo=False, opset_version=opset, input_names=[INPUT_NAME],
+            exported, example, str(path), dynamo=False, opset_version=opset, input_names=list(input_names),
             output_names=outputs,
-            dynamic_axes={name: {0: "batch"} for name in [INPUT_NAME, *outputs]},
+            dynamic_axes={name: {0: "batch"} for name in [*input_names, *outputs]},
         )  # fmt: skip
     onnx.checker.check_model(str(path), full_check=True)
 
@@ -129,7 +137,9 @@ def export_int8(
         fp32.unlink()
 
 
-def verify_maps(reference_maps: np.ndarray, inputs: torch.Tensor, path: Path, precision: str) -> dict:
+def verify_maps(
+    reference_maps: np.ndarray, inputs: torch.Tensor, path: Path, precision: str, extra: dict | None = None
+) -> dict:
     """The graph's merge maps against PyTorch's, as groupings of patches (token numbering aside: a near-tie in the
     order of the kept tokens renumbers them without changing what merged). Identical in fp32; recorded for lower
     precisions, whose keys differ by rounding and may pick another partner for a near-tie."""
@@ -141,7 +151,7 @@ def verify_maps(reference_maps: np.ndarray, inputs: torch.Tensor, path: Path, pr
     expected = groupings(reference_maps)
     session = create_session(path, optimization=ORT_OPTIMIZATION)
     x = inputs.numpy().astype(np.float16 if precision == "fp16" else np.float32)
-    got = groupings(session.run([MAPS_NAME], {INPUT_NAME: x})[0])
+    got = groupings(session.run([MAPS_NAME], {INPUT_NAME: x, **(extra or {})})[0])
     identical = float(np.mean([g == e for g, e in zip(got, expected, strict=True)]))
     return {"images_identical": identical, "passed": precision != "fp32" or identical == 1.0}
 
@@ -275,6 +285,42 @@ def merge_maps_info(model: VisionTransformer) -> dict:
     }
 
 
+def run_source(run_dir: Path) -> dict:
+    """Where a bundle's trained tensors came from: the run folder, its checksum and its measured accuracy."""
+    metrics = {}
+    if (run_dir / METRICS).exists():
+        full = json.loads((run_dir / METRICS).read_text())
+        metrics = {k: full[k] for k in ("eval_split", "val", "test") if k in full}
+    return {"path": str(run_dir.resolve()), "sha256": run_checksum(run_dir), "metrics": metrics}
+
+
+def graph_manifest(config: dict, model: VisionTransformer, precision: str, opset: int, files: dict) -> dict:
+    """The manifest fields that describe the exported graph and how to feed it, for single- and multi-task bundles."""
+    import onnx
+    import onnxruntime
+
+    size = config["preprocessing"]["img_size"]
+    return {
+        "backbone": {k: config["backbone"][k] for k in ("name", "weights", "tensors_sha256")},
+        "method": config["method"],
+        "schedule": model.schedule.spec,
+        "tokens_per_block": tokens_per_block(list(model.merge_plan()), model.grid),
+        "gmacs": round(deployed_gmacs(model), 4),
+        "input": {
+            "name": INPUT_NAME,
+            "shape": ["batch", 3, size, size],
+            "dtype": "float16" if precision == "fp16" else "float32",  # int8 bundles take float input
+        },
+        "merge_maps": merge_maps_info(model) if "onnx" in files and model.merges else None,
+        "img_size": size,
+        "preprocessing": config["preprocessing"],
+        "precision": precision,
+        "opset": opset if "onnx" in files else None,
+        "onnxruntime": {"graph_optimization_level": ORT_OPTIMIZATION},
+        "exported_with": {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__},
+    }
+
+
 def build_manifest(
     run_dir: Path,
     config: dict,
@@ -285,40 +331,17 @@ def build_manifest(
     image_names: list[str],
     timings: dict,
 ) -> dict:
-    import onnx
-    import onnxruntime
-
-    size = config["preprocessing"]["img_size"]
-    metrics = {}
-    if (run_dir / METRICS).exists():
-        full = json.loads((run_dir / METRICS).read_text())
-        metrics = {k: full[k] for k in ("eval_split", "val", "test") if k in full}
-    checksum = run_checksum(run_dir)
+    source = run_source(run_dir)
     return {
         "bundle_format": BUNDLE_FORMAT,
         "name": run_dir.resolve().name,
-        "version": checksum[:12],
+        "version": source["sha256"][:12],
         "variant": options.variant,
-        "backbone": {k: config["backbone"][k] for k in ("name", "weights", "tensors_sha256")},
-        "method": config["method"],
-        "schedule": model.schedule.spec,
-        "tokens_per_block": tokens_per_block(list(model.merge_plan()), model.grid),
-        "gmacs": round(deployed_gmacs(model), 4),
-        "input": {
-            "name": INPUT_NAME,
-            "shape": ["batch", 3, size, size],
-            "dtype": "float16" if options.precision == "fp16" else "float32",  # int8 bundles take float input
-        },
+        **graph_manifest(config, model, options.precision, options.opset, files),
         "output": {"name": OUTPUT_NAME, "shape": ["batch", len(config["labels"])]},
-        "merge_maps": merge_maps_info(model) if "onnx" in files and model.merges else None,
-        "img_size": size,
-        "preprocessing": config["preprocessing"],
         "num_classes": len(config["labels"]),
-        "precision": options.precision,
-        "opset": options.opset if "onnx" in files else None,
         "files": {**files, "labels": LABELS},
-        "onnxruntime": {"graph_optimization_level": ORT_OPTIMIZATION},
-        "source_run": {"path": str(run_dir.resolve()), "sha256": checksum, "metrics": metrics},
+        "source_run": source,
         "verification": {
             "images": image_names,
             "reference": "PyTorch fp32, training form (unfolded LoRA, straight-through merges), eval mode",
@@ -326,6 +349,5 @@ def build_manifest(
             "checked_on": "CPUExecutionProvider"
             + (" (fp16 on a GPU is not checked here)" if options.precision == "fp16" else ""),
         },
-        "exported_with": {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__},
         "export_seconds": timings,
     }

@@ -130,6 +130,12 @@ class LoRA(nn.Module):
         return q, v
 
 
+def per_task(module: nn.Module, x: Tensor, task: Tensor | None) -> Tensor:
+    """A module of a single-task model takes `x`; a bank of a multi-task model (`fpet.multitask`) also takes each
+    image's task."""
+    return module(x) if task is None else module(x, task)
+
+
 PET_MODULE = {"linear": None, "adaptformer": "adapter", "lora": "lora"}
 
 

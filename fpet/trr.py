@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from fpet import merge
-from fpet.pet import Bottleneck
+from fpet.pet import Bottleneck, per_task
 from fpet.schedule import MergeStep
 
 REFINE_WIDTH = 32
@@ -26,11 +26,17 @@ class TokenMerger(nn.Module):
         self.deploy = False
 
     def forward(
-        self, x: Tensor, size: Tensor, keys: Tensor, step: MergeStep, members: Tensor | None = None
+        self,
+        x: Tensor,
+        size: Tensor,
+        keys: Tensor,
+        step: MergeStep,
+        members: Tensor | None = None,
+        task: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, Tensor | None]:
         metric = keys.detach()
         if self.refine is not None:
-            metric = metric + self.refine(metric)
+            metric = metric + per_task(self.refine, metric, task)
         if step.grid is not None:
             a_idx, b_idx = merge.checkerboard_split(*step.grid, x.device)
         else:

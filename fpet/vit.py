@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from fpet import merge
 from fpet.config import ViTConfig, get_config, grid_size
-from fpet.pet import Bottleneck, LoRA, PetConfig, mark_trainable, materialize_binary
+from fpet.pet import Bottleneck, LoRA, PetConfig, mark_trainable, materialize_binary, per_task
 from fpet.schedule import MergeSchedule, MergeStep, parse_schedule, plan
 from fpet.trr import TokenMerger
 
@@ -124,19 +124,26 @@ class Block(nn.Module):
         self.drop_path_rate = drop_path_rate
 
     def forward(
-        self, x: Tensor, size: Tensor | None, step: MergeStep | None, members: Tensor | None = None
+        self,
+        x: Tensor,
+        size: Tensor | None,
+        step: MergeStep | None,
+        members: Tensor | None = None,
+        task: Tensor | None = None,
     ) -> tuple[Tensor, Tensor | None, Tensor | None]:
-        """`members` (merge maps only): which original patches each token stands for, carried through the merge."""
+        """`members` (merge maps only): which original patches each token stands for, carried through the merge;
+        `task` (multi-task models only): each image's task, choosing its adapters from the banks."""
         attn, keys = self.attn(self.norm1(x), None if size is None else merge.size_bias(size, x.dtype))
         x = x + drop_path(self.ls1(attn), self.drop_path_rate, self.training)
         if step is not None:
             assert self.merger is not None
             if size is None:
                 size = torch.ones_like(x[..., :1], dtype=torch.float32)
-            x, size, members = self.merger(x, size, keys.mean(dim=1), step, members)
+            x, size, members = self.merger(x, size, keys.mean(dim=1), step, members, task)
         out = x + drop_path(self.ls2(self.mlp(self.norm2(x))), self.drop_path_rate, self.training)
         if self.adapter is not None:
-            out = out + self.adapter(x)  # AdaptFormer: parallel to the MLP, fed the un-normalised residual
+            # AdaptFormer: parallel to the MLP, fed the un-normalised residual
+            out = out + per_task(self.adapter, x, task)
         return out, size, members
 
 
@@ -230,10 +237,10 @@ class VisionTransformer(nn.Module):
             return self.pos_embed
         return resample_pos_embed(self.pos_embed, self.grid, grid)
 
-    def forward_features(self, x: Tensor) -> Tensor:
-        return self._features(x, explain=False)[0]
+    def forward_features(self, x: Tensor, task: Tensor | None = None) -> Tensor:
+        return self._features(x, explain=False, task=task)[0]
 
-    def _features(self, x: Tensor, explain: bool) -> tuple[Tensor, list[Tensor]]:
+    def _features(self, x: Tensor, explain: bool, task: Tensor | None = None) -> tuple[Tensor, list[Tensor]]:
         """Final normalised tokens and, with `explain`, the patch-to-token map [B, patches] after each merge point."""
         # Python ints, also under tracing: the merge plan and its index sets are static for a given input size.
         grid = grid_size((int(x.shape[-2]), int(x.shape[-1])), self.cfg.patch_size)
@@ -241,22 +248,24 @@ class VisionTransformer(nn.Module):
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self._pos_embed(grid)
         size, members, groups = None, merge.initial_members(x) if explain else None, []
         for block, step in zip(self.blocks, self.merge_plan(grid), strict=True):
-            x, size, members = block(x, size, step, members)
+            x, size, members = block(x, size, step, members, task)
             if explain and step is not None:
                 groups.append(merge.patch_groups(members))
         return self.norm(x), groups
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.forward_features(x)[:, 0])
+    def forward(self, x: Tensor, task: Tensor | None = None) -> Tensor:
+        """`task` (multi-task models, `fpet.multitask`): each image's task index [B]."""
+        return per_task(self.head, self.forward_features(x, task)[:, 0], task)
 
-    def forward_explained(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def forward_explained(self, x: Tensor, task: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Logits and merge maps: [B, merge points, patches], the token each patch is in after each merge point
         (from the same hard assignments as the logits; no merge points: [B, 0, patches])."""
-        tokens, groups = self._features(x, explain=True)
+        tokens, groups = self._features(x, explain=True, task=task)
+        logits = per_task(self.head, tokens[:, 0], task)
         if not groups:
             patches = tokens.shape[1] - 1  # nothing merged
-            return self.head(tokens[:, 0]), torch.zeros(x.shape[0], 0, patches, dtype=torch.long, device=x.device)
-        return self.head(tokens[:, 0]), torch.stack(groups, dim=1)
+            return logits, torch.zeros(x.shape[0], 0, patches, dtype=torch.long, device=x.device)
+        return logits, torch.stack(groups, dim=1)
 
 
 @functools.lru_cache(maxsize=32)

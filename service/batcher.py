@@ -42,6 +42,7 @@ class _Item:
     image: np.ndarray
     deadline: float
     future: asyncio.Future
+    task: int | None = None  # multi-task models: the image's task index
     enqueued: float = field(default_factory=time.perf_counter)
 
 
@@ -67,7 +68,7 @@ class Ticket:
 class MicroBatcher:
     def __init__(
         self,
-        run_batch: Callable[[np.ndarray], np.ndarray],
+        run_batch: Callable[..., np.ndarray],  # (images) or, for multi-task items, (images, task indices)
         executor: Executor,
         *,
         max_batch: int,
@@ -149,14 +150,18 @@ class MicroBatcher:
                 await asyncio.gather(self._task, return_exceptions=True)
         self._fail_all(ServiceError(503, "shutting_down", "the server is shutting down"))
 
-    async def submit(self, images: list[np.ndarray], deadline: float, ticket: Ticket | None = None) -> list[Result]:
+    async def submit(
+        self, images: list[np.ndarray], deadline: float, ticket: Ticket | None = None, task: int | None = None
+    ) -> list[Result]:
+        """Queue a request's images; with `task` (multi-task models) they join batches of any task, and the runner
+        is called with each image's task index as well."""
         if ticket is not None:
             ticket.consume()
         self._check_open()
         if len(self._queue) + self._reserved + len(images) > self.max_queue:
             raise overloaded()
         loop = asyncio.get_running_loop()
-        items = [_Item(image, deadline, loop.create_future()) for image in images]
+        items = [_Item(image, deadline, loop.create_future(), task) for image in images]
         self._queue.extend(items)
         self.on_queue(len(self._queue))
         self._arrived.set()
@@ -242,7 +247,10 @@ class MicroBatcher:
             self._running = live
             start = time.perf_counter()
             try:
-                logits = await loop.run_in_executor(self.executor, self.run_batch, np.stack([i.image for i in live]))
+                inputs = [np.stack([i.image for i in live])]
+                if live[0].task is not None:
+                    inputs.append(np.array([i.task for i in live], dtype=np.int64))
+                logits = await loop.run_in_executor(self.executor, self.run_batch, *inputs)
             except Exception as exc:  # a failed batch fails its requests, never the loop
                 self._running = []
                 for item in live:

@@ -41,6 +41,13 @@ BATCH_SECONDS = Histogram(
     ["model", "provider"],
     buckets=LATENCY_BUCKETS,
 )
+TASK_REQUESTS = Counter(
+    "fpet_task_requests", "Requests answered, by task of a multi-task model", ["model", "task", "code"]
+)  # task names come only from the served bundles' manifests: a closed set
+TASK_REQUEST_SECONDS = Histogram(
+    "fpet_task_request_duration_seconds", "End-to-end request latency by task", ["model", "task"],
+    buckets=LATENCY_BUCKETS,
+)  # fmt: skip
 IMAGES = Counter("fpet_images", "Images classified", ["model"])
 BATCHES = Counter("fpet_batches", "Batches run", ["model"])
 BATCH_SIZE = Histogram("fpet_batch_size", "Images per batch", ["model"], buckets=BATCH_BUCKETS)
@@ -60,11 +67,13 @@ FALLBACKS = Counter("fpet_execution_provider_fallback", "CUDA asked for, CPU giv
 BUILD = Gauge("fpet_build_info", "Build", ["version", "git_sha", "onnxruntime"], multiprocess_mode="max")
 
 
-def initialise(model: str) -> None:
+def initialise(model: str, tasks: list[str]) -> None:
     """Create every labelled series of a model at zero, so dashboards and alerts see 0 rather than nothing."""
     for reason in REASONS:
         ERRORS.labels(model, reason)
     FALLBACKS.labels(model)
+    for task in tasks:
+        TASK_REQUESTS.labels(model, task, "200")
 
 
 def render() -> tuple[bytes, str]:

@@ -21,7 +21,7 @@ from service.batcher import Result, Ticket
 from service.decode import CONTENT_TYPES, decode_image
 from service.errors import ServiceError
 from service.recent import RECENT
-from service.runtime import ModelRunner
+from service.runtime import ModelRunner, Task
 from service.schemas import JsonRequest, Prediction
 from service.settings import Settings
 from service.state import State
@@ -40,8 +40,9 @@ def check_key(request: Request, settings: Settings) -> None:
 
 
 @contextlib.contextmanager
-def accounted(model: str, provider: str, start: float) -> Iterator[None]:
-    """Every request to a model counts once: in flight while it runs, then its code, error reason and latency."""
+def accounted(model: str, provider: str, start: float, task: str | None = None) -> Iterator[None]:
+    """Every request to a model counts once: in flight while it runs, then its code, error reason and latency (by
+    task too for a multi-task model's; `task` must be one the model serves, so the label set stays closed)."""
     metrics.IN_FLIGHT.labels(model).inc()
     code, reason = 200, None
     try:
@@ -59,6 +60,9 @@ def accounted(model: str, provider: str, start: float) -> Iterator[None]:
             metrics.ERRORS.labels(model, reason).inc()
         elapsed = time.perf_counter() - start
         metrics.REQUEST_SECONDS.labels(model, provider).observe(elapsed)
+        if task is not None:
+            metrics.TASK_REQUESTS.labels(model, task, str(code)).inc()
+            metrics.TASK_REQUEST_SECONDS.labels(model, task).observe(elapsed)
         RECENT.observe(model, elapsed)
 
 
@@ -174,9 +178,16 @@ async def prepared(request: Request, state: State, runner: ModelRunner, raw: lis
 
 
 async def batched(
-    request: Request, state: State, model: str, arrays: list[np.ndarray], start: float, ticket: Ticket
+    request: Request,
+    state: State,
+    model: str,
+    arrays: list[np.ndarray],
+    start: float,
+    ticket: Ticket,
+    task: Task | None = None,
 ) -> list[Result]:
-    results = await state.batchers[model].submit(arrays, deadline_of(request, state.settings, start), ticket)
+    index = None if task is None or task.name is None else task.index
+    results = await state.batchers[model].submit(arrays, deadline_of(request, state.settings, start), ticket, index)
     request.state.timing["queue"] = max(r.queue_seconds for r in results) * 1000
     request.state.timing["inference"] = max(r.inference_seconds for r in results) * 1000
     return results
@@ -192,6 +203,8 @@ def finished(request: Request, model: str, start: float, postprocess_started: fl
 
 
 def top_predictions(logits: np.ndarray, labels: list[str], k: int) -> list[Prediction]:
+    """A multi-task graph pads its logits to the most classes of any task: only the task's own are read."""
+    logits = logits[: len(labels)]
     shifted = np.exp(logits - logits.max())
     probs = shifted / shifted.sum()
     order = np.argsort(-probs)[:k]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ from PIL import Image
 from export.bundle import read_manifest
 from fpet.imaging import normalize, resize_rgb
 from fpet.sessions import OPTIMIZATION, create_session
+from service.errors import ServiceError
 
 log = logging.getLogger("fpet.service")
 CUDA, CPU = "CUDAExecutionProvider", "CPUExecutionProvider"
@@ -28,6 +30,16 @@ def requested_providers(choice: str) -> list[str]:
     return [CPU]
 
 
+@dataclass(frozen=True)
+class Task:
+    """A task a bundle serves: its index into the graph's adapter banks and its labels (the first len(labels)
+    logits). A single-task bundle serves one unnamed task."""
+
+    name: str | None
+    index: int
+    labels: list[str]
+
+
 class ModelRunner:
     """A loaded bundle. `run` is called from a worker thread; onnxruntime releases the GIL while it computes."""
 
@@ -37,7 +49,12 @@ class ModelRunner:
         self.bundle = Path(bundle)
         self.manifest = read_manifest(self.bundle)
         self.name: str = self.manifest["variant"]
-        self.labels: list[str] = json.loads((self.bundle / self.manifest["files"]["labels"]).read_text())
+        labels = json.loads((self.bundle / self.manifest["files"]["labels"]).read_text())
+        self.tasks: dict[str, Task] = {  # several tasks in one graph (a multi-task bundle), else empty
+            t["name"]: Task(t["name"], t["index"], labels[t["name"]]) for t in self.manifest.get("tasks", [])
+        }
+        self.single = None if self.tasks else Task(None, 0, labels)
+        self.task_input: str | None = self.manifest["task_input"]["name"] if self.tasks else None
         pre = self.manifest["preprocessing"]
         self.img_size, self.mean, self.std = pre["img_size"], pre["mean"], pre["std"]
         self.dtype = np.float16 if self.manifest["precision"] == "fp16" else np.float32
@@ -61,31 +78,54 @@ class ModelRunner:
     def on_gpu(self) -> bool:
         return self.provider == CUDA
 
+    def task(self, name: str | None) -> Task:
+        """The task a request asked for (None: the model's only task)."""
+        if self.single is not None:
+            if name is not None:
+                raise ServiceError(404, "task_not_found", f"model {self.name!r} serves one task; it has no {name!r}")
+            return self.single
+        if name is None:
+            raise ServiceError(400, "invalid_request", f"model {self.name!r} serves several tasks: name one (POST "
+                               f"/tasks/{{task}}/classify or ?task=) of {', '.join(self.tasks)}")  # fmt: skip
+        if name not in self.tasks:
+            raise ServiceError(404, "task_not_found", f"no task {name!r}; {self.name} serves {', '.join(self.tasks)}")
+        return self.tasks[name]
+
+    def feeds(self, batch: np.ndarray, tasks: np.ndarray | None) -> dict[str, np.ndarray]:
+        feeds = {self.input_name: np.ascontiguousarray(batch, dtype=self.dtype)}
+        if self.task_input is not None:
+            if tasks is None:
+                raise ValueError(f"{self.name} serves several tasks: every batch needs its images' tasks")
+            feeds[self.task_input] = np.ascontiguousarray(tasks, dtype=np.int64)
+        return feeds
+
     def preprocess(self, image: Image.Image) -> np.ndarray:
         """float [3, S, S] exactly as in training (fpet.imaging)."""
         return normalize(resize_rgb(image, self.img_size)[None], self.mean, self.std)[0].astype(self.dtype)
 
-    def run(self, batch: np.ndarray) -> np.ndarray:
-        batch = np.ascontiguousarray(batch, dtype=self.dtype)
+    def run(self, batch: np.ndarray, tasks: np.ndarray | None = None) -> np.ndarray:
+        """Logits [B, classes]; `tasks` (multi-task bundles): each image's task index."""
+        feeds = self.feeds(batch, tasks)
         if not self.io_binding:
-            return self.session.run([self.output_name], {self.input_name: batch})[0].astype(np.float32)
+            return self.session.run([self.output_name], feeds)[0].astype(np.float32)
         binding = self.session.io_binding()
-        binding.bind_cpu_input(self.input_name, batch)
+        for name, array in feeds.items():
+            binding.bind_cpu_input(name, array)
         binding.bind_output(self.output_name, "cpu")
         self.session.run_with_iobinding(binding)
         return binding.copy_outputs_to_cpu()[0].astype(np.float32)
 
-    def explain(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    def explain(self, batch: np.ndarray, tasks: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
         """Logits and merge maps ([B, merge points, patches]) in one run; maps None when the bundle has none."""
         if self.merge_maps is None:
-            return self.run(batch), None
+            return self.run(batch, tasks), None
         names = [self.output_name, self.merge_maps["output"]]
-        logits, maps = self.session.run(names, {self.input_name: np.ascontiguousarray(batch, dtype=self.dtype)})
+        logits, maps = self.session.run(names, self.feeds(batch, tasks))
         return logits.astype(np.float32), maps
 
     def warm_up(self, max_batch: int) -> None:
         """Run every batch size the batcher may form, so no request pays for a first-time allocation."""
         start = time.perf_counter()
         for size in range(1, max_batch + 1):
-            self.run(np.zeros((size, 3, self.img_size, self.img_size), dtype=self.dtype))
+            self.run(np.zeros((size, 3, self.img_size, self.img_size), dtype=self.dtype), np.zeros(size, np.int64))
         self.warmup_seconds = time.perf_counter() - start

@@ -39,6 +39,7 @@ class Timing(BaseModel):
 class ClassifyResponse(BaseModel):
     request_id: str
     model: str
+    task: str | None = Field(None, description="the task, for a multi-task model")
     model_version: str
     execution_provider: str
     predictions: list[Prediction] = Field(description="the first (or only) image's top-k")

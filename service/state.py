@@ -46,6 +46,15 @@ class State:
             raise ServiceError(404, "model_not_found", f"no model {model!r}; served: {served}")
         return self.runners[model]
 
+    def target(self, name: str) -> tuple[str, str | None]:
+        """What a model name means: a served variant, or a task of the default variant's multi-task bundle."""
+        if name in self.runners:
+            return name, None
+        default = self.runners.get(self.settings.default_model)
+        if default is not None and name in default.tasks:
+            return default.name, name
+        return name, None  # not served: state.runner says so
+
     def check_serving(self) -> None:
         if self.draining:
             raise ServiceError(503, "shutting_down", "the server is shutting down", {"Retry-After": "5"})
@@ -87,7 +96,7 @@ def load(state: State) -> None:
             raise ServiceError(500, "internal_error", f"two bundles serve the variant {runner.name!r}")
         runner.warm_up(state.max_batch(runner))
         state.runners[runner.name] = runner
-        metrics.initialise(runner.name)
+        metrics.initialise(runner.name, list(runner.tasks))
         m = runner.manifest
         metrics.INFO.labels(runner.name, m["version"], m["backbone"]["name"], runner.provider, m["precision"],
                             m["schedule"]).set(1)  # fmt: skip

@@ -248,3 +248,22 @@ def test_no_more_requests_wait_than_the_queue_holds():
     extra, quick, outcomes = run(with_batcher(FakeRunner(), body, max_queue=2))
     assert extra.status == 429 and quick < 0.05
     assert not [o for o in outcomes if isinstance(o, BaseException)]  # both waiters got the freed places
+
+
+def test_requests_for_different_tasks_share_batches_and_each_row_keeps_its_task():
+    seen = []
+
+    def runner(batch: np.ndarray, tasks: np.ndarray) -> np.ndarray:
+        seen.append(tasks.tolist())
+        time.sleep(0.05)
+        return np.stack([batch.reshape(len(batch), -1)[:, 0], tasks.astype(np.float32)], axis=1)
+
+    async def body(batcher):
+        first = asyncio.ensure_future(batcher.submit(images(1), time.perf_counter() + 5, task=0))
+        await asyncio.sleep(0.01)  # the first batch runs while the other tasks' requests queue up
+        rest = [batcher.submit([img], time.perf_counter() + 5, task=i % 3) for i, img in enumerate(images(6))]
+        return await first, await asyncio.gather(*rest)
+
+    _, rest = run(with_batcher(runner, body))
+    assert [(float(r[0].logits[0]), int(r[0].logits[1])) for r in rest] == [(i, i % 3) for i in range(6)]
+    assert any(len(set(tasks)) > 1 for tasks in seen[1:]), seen  # a batch mixed tasks

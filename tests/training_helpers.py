@@ -5,8 +5,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from safetensors.torch import save_file
 
 from fpet.pet import PetConfig
+from fpet.vit import create_model
+from fpet.weights import load_backbone
 from training import checkpoint
 from training.config import TrainConfig
 from training.data import Preprocessing
@@ -37,15 +40,27 @@ def tiny_config(data: Path, out: Path, **overrides) -> TrainConfig:
     return TrainConfig(**settings)
 
 
-def make_run(path, method="adaptformer", schedule="6:0.5", img_size=64, seed=0):
-    """A run folder with random (non-zero) trained tensors, as `fpet train` writes it, without the training."""
-    cfg = TrainConfig(data="", out=str(path), weights="random", backbone="vit_tiny_patch16_224", method=method,
-                      schedule=schedule, img_size=img_size, seed=seed)  # fmt: skip
-    config = _run_config(cfg, "vit_tiny_patch16_224", None, PetConfig(method), Preprocessing(img_size), ["a", "b", "c"])
+def make_run(path, method="adaptformer", schedule="6:0.5", img_size=64, seed=0, labels=("a", "b", "c"), weights=None):
+    """A run folder with random (non-zero) trained tensors, as `fpet train` writes it, without the training. The
+    backbone is random from `seed`, or read from a `weights` file (tasks of one backbone, see `make_backbone`)."""
+    cfg = TrainConfig(data="", out=str(path), weights=str(weights or "random"), backbone="vit_tiny_patch16_224",
+                      method=method, schedule=schedule, img_size=img_size, seed=seed)  # fmt: skip
+    tensors, digest = checkpoint.read_weights(weights and Path(weights))
+    config = _run_config(cfg, "vit_tiny_patch16_224", digest, PetConfig(method), Preprocessing(img_size), list(labels))
     model = checkpoint.build_model(config)
+    if tensors is not None:
+        load_backbone(model, tensors)
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:
                 p.normal_(std=0.05)
     checkpoint.write_run(path, model, config, {"val": {"last": 0.5}})
+    return path
+
+
+def make_backbone(path: Path, img_size: int = 64, seed: int = 0) -> Path:
+    """A random ViT-Ti backbone saved as a weights file, for runs that must share one."""
+    torch.manual_seed(seed)
+    model = create_model("vit_tiny_patch16_224", num_classes=0, img_size=img_size)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
     return path

@@ -1,4 +1,5 @@
-"""The service's own classification routes: /classify, /models/{model}/classify and /classify/compare."""
+"""The service's own classification routes: /classify, /models/{model}/classify, /tasks/{task}/classify (multi-task
+bundles) and /classify/compare."""
 
 from __future__ import annotations
 
@@ -24,21 +25,26 @@ from service.state import State, StateDep
 
 router = APIRouter(tags=["classify"])
 TOP_K = Query(5, ge=1, le=20)
+TASK = Query(None, description="the task, for a multi-task model (GET /tasks lists them)")
 DOC = {"responses": ERRORS, "openapi_extra": IMAGE_BODY, "response_model": ClassifyResponse}
 
 
-async def classify_with(request: Request, state: State, model: str, top_k: int) -> ClassifyResponse:
+async def classify_with(
+    request: Request, state: State, model: str, top_k: int, task_name: str | None = None
+) -> ClassifyResponse:
     start = time.perf_counter()
     runner = state.runner(model)
-    with accounted(model, runner.provider, start):
+    task = runner.task(task_name)
+    with accounted(model, runner.provider, start, task.name):
         async with admitted(request, state, model) as ticket:
             arrays = await prepared(request, state, runner, await read_images(request, state.settings))
-            results = await batched(request, state, model, arrays, start, ticket)
+            results = await batched(request, state, model, arrays, start, ticket, task)
         t = time.perf_counter()
-        per_image = [top_predictions(r.logits, runner.labels, top_k) for r in results]
+        per_image = [top_predictions(r.logits, task.labels, top_k) for r in results]
         finished(request, model, start, t)
         return ClassifyResponse(
-            request_id=request.state.request_id, model=model, model_version=runner.manifest["version"],
+            request_id=request.state.request_id, model=model, task=task.name,
+            model_version=runner.manifest["version"],
             execution_provider=runner.provider, predictions=per_image[0],
             results=[ImageResult(image=i, predictions=p) for i, p in enumerate(per_image)],
             timing_ms=Timing(**request.state.timing),
@@ -51,22 +57,38 @@ async def classify(
     state: StateDep,
     model: str | None = Query(None, description="variant: fpet or backbone (default: FPET_DEFAULT_MODEL, fpet)"),
     top_k: int = TOP_K,
+    task: str | None = TASK,
 ) -> ClassifyResponse:
-    return await classify_with(request, state, model or state.settings.default_model, top_k)
+    return await classify_with(request, state, model or state.settings.default_model, top_k, task)
 
 
 @router.post("/models/{model}/classify", summary="Classify with a given model", **DOC)
-async def classify_model(request: Request, state: StateDep, model: str, top_k: int = TOP_K) -> ClassifyResponse:
-    return await classify_with(request, state, model, top_k)
+async def classify_model(
+    request: Request, state: StateDep, model: str, top_k: int = TOP_K, task: str | None = TASK
+) -> ClassifyResponse:
+    return await classify_with(request, state, model, top_k, task)
+
+
+@router.post("/tasks/{task}/classify", summary="Classify for one task of a multi-task model", **DOC)
+async def classify_task(
+    request: Request,
+    state: StateDep,
+    task: str,
+    model: str | None = Query(None, description="variant: fpet or backbone (default: FPET_DEFAULT_MODEL, fpet)"),
+    top_k: int = TOP_K,
+) -> ClassifyResponse:
+    """Requests for different tasks share batches: the graph picks each image's adapters and head."""
+    return await classify_with(request, state, model or state.settings.default_model, top_k, task)
 
 
 @router.post("/classify/compare", summary="Every variant on the same image", responses=ERRORS,
              openapi_extra=IMAGE_BODY, response_model=CompareResponse)  # fmt: skip
-async def compare(request: Request, state: StateDep, top_k: int = TOP_K) -> CompareResponse:
+async def compare(request: Request, state: StateDep, top_k: int = TOP_K, task: str | None = TASK) -> CompareResponse:
     """Counted in the request metrics under the model label `compare`."""
     start = time.perf_counter()
     provider = ",".join(sorted({r.provider for r in state.runners.values()})) or "none"
     with accounted("compare", provider, start):
+        tasks = {name: runner.task(task) for name, runner in state.runners.items()}
         state.check_serving()
         async with contextlib.AsyncExitStack() as stack:
             tickets = {name: await stack.enter_async_context(admitted(request, state, name)) for name in state.runners}
@@ -77,15 +99,17 @@ async def compare(request: Request, state: StateDep, top_k: int = TOP_K) -> Comp
             async def one(name: str):
                 runner = state.runners[name]
                 array = await asyncio.to_thread(runner.preprocess, image)
+                index = tasks[name].index if tasks[name].name is not None else None
                 (result,) = await state.batchers[name].submit([array], deadline_of(request, state.settings, start),
-                                                              tickets[name])  # fmt: skip
+                                                              tickets[name], index)  # fmt: skip
                 return name, runner, result
 
             done = await asyncio.gather(*(one(n) for n in state.runners))
         entries = {
             name: CompareEntry(
                 model_version=runner.manifest["version"], execution_provider=runner.provider,
-                predictions=top_predictions(result.logits, runner.labels, top_k), queue_ms=result.queue_seconds * 1000,
+                predictions=top_predictions(result.logits, tasks[name].labels, top_k),
+                queue_ms=result.queue_seconds * 1000,
                 inference_ms_per_image=result.inference_seconds * 1000 / result.batch_size,
                 batch_size=result.batch_size,
             )

@@ -18,7 +18,7 @@ from fpet import mergemap
 from fpet.imaging import normalize, resize_rgb
 from service.errors import ServiceError
 from service.pipeline import accounted, check_key, decoded, read_images, top_predictions
-from service.runtime import ModelRunner
+from service.runtime import ModelRunner, Task
 from service.schemas import ERRORS, IMAGE_BODY, ExplainResponse, MergePoint
 from service.state import State, StateDep
 
@@ -26,10 +26,11 @@ router = APIRouter(tags=["explain"])
 PNG = "image/png"
 
 
-def explain_image(runner: ModelRunner, image) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+def explain_image(runner: ModelRunner, image, task: Task) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Input pixels (uint8 [S, S, 3]), logits and merge maps of one decoded image."""
     pixels = resize_rgb(image, runner.img_size)
-    logits, maps = runner.explain(normalize(pixels[None], runner.mean, runner.std))
+    tasks = None if task.name is None else np.array([task.index], dtype=np.int64)
+    logits, maps = runner.explain(normalize(pixels[None], runner.mean, runner.std), tasks)
     return pixels.transpose(1, 2, 0), logits[0], None if maps is None else maps[0]
 
 
@@ -67,11 +68,13 @@ async def explain(
     model: str,
     top_k: int = Query(5, ge=1, le=20),
     format_: str | None = Query(None, alias="format", pattern="^(json|png)$", description="json or png (or Accept)"),
+    task: str | None = Query(None, description="the task, for a multi-task model"),
 ):
     """Counted in the request metrics under the model label `explain`."""
     start = time.perf_counter()
     runner = state.runner(model)
     with accounted("explain", runner.provider, start):
+        chosen = runner.task(task)
         check_key(request, state.settings)
         state.check_serving()
         png = wants_png(request, format_)
@@ -84,7 +87,7 @@ async def explain(
         await acquire(state)
         try:
             t = time.perf_counter()
-            pixels, logits, maps = await asyncio.to_thread(explain_image, runner, image)
+            pixels, logits, maps = await asyncio.to_thread(explain_image, runner, image, chosen)
             inference = (time.perf_counter() - t) * 1000
             picture = await asyncio.to_thread(overlay_png, runner, pixels, maps) if png else None
         finally:
@@ -97,6 +100,6 @@ async def explain(
                   "total": (time.perf_counter() - start) * 1000}  # fmt: skip
         return ExplainResponse(
             request_id=request.state.request_id, model=model, model_version=runner.manifest["version"],
-            predictions=top_predictions(logits, runner.labels, top_k), grid=info and info["grid"], merges=merges,
+            predictions=top_predictions(logits, chosen.labels, top_k), grid=info and info["grid"], merges=merges,
             timing_ms=timing,
         )  # fmt: skip

@@ -19,15 +19,18 @@ router = APIRouter(tags=["oip"])
 DOC = {"responses": OIP_RESPONSES, "openapi_extra": OIP_BODY, "response_class": Response}
 
 
-async def infer_with(request: Request, state: State, model: str, version: str | None) -> Response:
-    """The same admission, limits, batcher and metrics as /classify."""
+async def infer_with(request: Request, state: State, name: str, version: str | None) -> Response:
+    """The same admission, limits, batcher and metrics as /classify. A multi-task model's tasks are OIP models of
+    their own, served by the default variant."""
     start = time.perf_counter()
+    model, task_name = state.target(name)
     runner = state.runner(model)
+    task = runner.task(task_name)
     if version is not None and version != runner.manifest["version"]:
         raise ServiceError(404, "model_not_found", f"{model} has no version {version!r}; it serves "
                                                    f"{runner.manifest['version']!r}")  # fmt: skip
     settings = state.settings
-    with accounted(model, runner.provider, start):
+    with accounted(model, runner.provider, start, task.name):
         async with admitted(request, state, model) as ticket:
             body = await read_body(request, settings)
             parsed = oip.parse_request(body, request.headers.get(oip.HEADER_LENGTH), runner.img_size)
@@ -38,10 +41,11 @@ async def infer_with(request: Request, state: State, model: str, version: str | 
                 arrays = await prepared(request, state, runner, parsed.images)
             else:
                 arrays = list(parsed.pixels.astype(runner.dtype))
-            results = await batched(request, state, model, arrays, start, ticket)
+            results = await batched(request, state, model, arrays, start, ticket, task)
         t = time.perf_counter()
         logits = np.stack([r.logits for r in results])
-        content, headers = oip.encode_response(parsed, model, runner.manifest["version"], logits, runner.labels)
+        logits = logits[:, : len(task.labels)]
+        content, headers = oip.encode_response(parsed, name, runner.manifest["version"], logits, task.labels)
         finished(request, model, start, t)
         return Response(content, headers=headers)
 
