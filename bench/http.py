@@ -20,6 +20,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 from PIL import Image
@@ -40,6 +41,13 @@ class Case:
     url: str
     bodies: list[bytes]
     headers: dict[str, str]
+    paths: tuple[str, ...] = ()  # when set, request i goes to paths[i % len(paths)] (tasks of a multi-task model)
+
+    def url_for(self, i: int) -> str:
+        if not self.paths:
+            return self.url
+        parts = urlsplit(self.url)
+        return f"{parts.scheme}://{parts.netloc}{self.paths[i % len(self.paths)]}"
 
 
 def oip_body(name: str, datatype: str, shape: list[int], raw: bytes) -> tuple[bytes, str]:
@@ -72,6 +80,14 @@ def make_case(base: str, route: str, model: str, images: list[bytes]) -> Case:
     return Case(route, model, url, [body for body, _ in built], headers)
 
 
+def task_cases(base: str, model: str, tasks: list[str], images: list[bytes]) -> list[Case]:
+    """A multi-task model under load for its first task alone, and for all `tasks` in turn (mixed batches)."""
+    headers = {"Content-Type": f"image/{sniff(images[0]) or 'png'}"}
+    paths = tuple(f"/tasks/{task}/classify?model={model}" for task in tasks)
+    single = Case(f"task {tasks[0]}", model, f"{base}{paths[0]}", images, headers)
+    return [single, Case(f"{len(tasks)} tasks mixed", model, f"{base}{paths[0]}", images, headers, paths)]
+
+
 def pick_client(client: str) -> str:
     if client != "auto":
         if client != "python" and shutil.which(client) is None:
@@ -93,10 +109,16 @@ local bodies, n = {}, 0
 for _, path in ipairs({%(paths)s}) do
   local f = assert(io.open(path, "rb")); n = n + 1; bodies[n] = f:read("*all"); f:close()
 end
+local paths = {%(routes)s}
 wrk.method = "POST"
 %(headers)s
-local i = 0
-function request() i = i %% n + 1; return wrk.format(nil, nil, nil, bodies[i]) end
+local i, j = 0, 0
+function request()
+  i = i %% n + 1
+  if #paths == 0 then return wrk.format(nil, nil, nil, bodies[i]) end
+  j = j %% #paths + 1
+  return wrk.format(nil, paths[j], nil, bodies[i])
+end
 counts = {}
 function response(status) counts[status] = (counts[status] or 0) + 1 end
 local threads = {}
@@ -124,7 +146,8 @@ def run_wrk(case: Case, concurrency: int, seconds: float, folder: Path) -> dict:
         paths.append(json.dumps(str(path)))
     headers = "\n".join(f"wrk.headers[{json.dumps(k)}] = {json.dumps(v)}" for k, v in case.headers.items())
     script = folder / "case.lua"
-    script.write_text(WRK_SCRIPT % {"paths": ", ".join(paths), "headers": headers})
+    routes = ", ".join(json.dumps(path) for path in case.paths)
+    script.write_text(WRK_SCRIPT % {"paths": ", ".join(paths), "routes": routes, "headers": headers})
     cmd = ["wrk", "-t1", f"-c{concurrency}", f"-d{max(1, round(seconds))}s", "--timeout", "30s", "-s", str(script),
            case.url]  # fmt: skip
     done = subprocess.run(cmd, capture_output=True, text=True)
@@ -143,6 +166,8 @@ def run_wrk(case: Case, concurrency: int, seconds: float, folder: Path) -> dict:
 
 
 def run_hey(case: Case, concurrency: int, seconds: float, folder: Path) -> dict:
+    if case.paths:
+        raise FpetError("hey sends to one URL: mixed-task load needs wrk (apt-get install wrk) or --client python")
     body = folder / "body.bin"
     body.write_bytes(case.bodies[0])  # hey sends one body
     headers = [arg for k, v in case.headers.items() if k != "Content-Type" for arg in ("-H", f"{k}: {v}")]
@@ -173,7 +198,8 @@ async def run_python_async(case: Case, concurrency: int, seconds: float) -> dict
         while time.perf_counter() < end:
             start = time.perf_counter()
             try:
-                response = await client.post(case.url, content=case.bodies[i % len(case.bodies)], headers=case.headers)
+                body = case.bodies[i % len(case.bodies)]
+                response = await client.post(case.url_for(i), content=body, headers=case.headers)
                 code = str(response.status_code)
             except httpx.TransportError as exc:
                 code = type(exc).__name__
@@ -241,12 +267,17 @@ def bench_http(
     routes: tuple[str, ...] = ("classify",),
     client: str = "auto",
     repeats: int = 1,
+    tasks: list[str] | None = None,
 ) -> list[dict]:
     """One row per case and concurrency: medians over `repeats` rounds, the cases' order alternating every round so
-    that machine drift and position hit every case alike; `rounds` keeps each round's figures."""
+    that machine drift and position hit every case alike; `rounds` keeps each round's figures. With `tasks` (a
+    multi-task model), the cases are its first task alone and all the tasks in turn, per model."""
     client = pick_client(client)
     payloads = [path.read_bytes() for path in images]
-    cases = [make_case(base, route, model, payloads) for route in routes for model in models]
+    if tasks:
+        cases = [case for model in models for case in task_cases(base, model, tasks, payloads)]
+    else:
+        cases = [make_case(base, route, model, payloads) for route in routes for model in models]
     rows = []
     for c in concurrencies:
         run_case(cases[0], c, min(seconds, 1.0), client, base)  # warm connections and caches, untimed
@@ -304,9 +335,20 @@ def stage_ms(row: dict, stage: str) -> str:
 
 
 def summary(rows: list[dict]) -> str:
-    """The fpet/backbone goodput ratio per route and concurrency (of the medians, and per round), when both ran."""
+    """The fpet/backbone goodput ratio per route and concurrency (of the medians, and per round), when both ran;
+    for task cases, the mixed/single goodput ratio per model."""
     by = {(r["route"], r["concurrency"], r["model"]): r for r in rows}
     lines = []
+    for model, c in sorted({(r["model"], r["concurrency"]) for r in rows}):
+        single = next((r for r in rows if (r["model"], r["concurrency"]) == (model, c) and r["route"][:5] == "task "),
+                      None)  # fmt: skip
+        mixed = next((r for r in rows if (r["model"], r["concurrency"]) == (model, c) and "mixed" in r["route"]), None)
+        if single and mixed and single["goodput_rps"]:
+            pairs = zip(mixed["rounds"], single["rounds"], strict=True)
+            per_round = ", ".join(f"{m['goodput_rps'] / s['goodput_rps']:.3f}" for m, s in pairs if s["goodput_rps"])
+            ratio = mixed["goodput_rps"] / single["goodput_rps"]
+            lines.append(f"{model} at {c}: {mixed['route']} / {single['route']} goodput {ratio:.3f} "
+                         f"(rounds: {per_round})")  # fmt: skip
     for route, c in sorted({(r["route"], r["concurrency"]) for r in rows}):
         fpet, backbone = by.get((route, c, "fpet")), by.get((route, c, "backbone"))
         if fpet and backbone and backbone["goodput_rps"]:

@@ -540,10 +540,20 @@ def cmd_bench_http(args: argparse.Namespace) -> None:
         from fpet.errors import FpetError
 
         raise FpetError("no images: give --image FILE (samples/*.png is the default, run from the repository)")
+    tasks = args.tasks.split(",") if args.tasks else None
     rows = bench_http(args.url.rstrip("/"), images, [int(c) for c in args.concurrency.split(",")], args.duration,
-                      args.models.split(","), tuple(args.routes.split(",")), args.client, args.repeats)  # fmt: skip
+                      args.models.split(","), tuple(args.routes.split(",")), args.client, args.repeats,
+                      tasks)  # fmt: skip
     write_results(args.out, "http_results", rows, markdown(rows))
     print(summary(rows), end="")
+
+
+def cmd_bench_memory(args: argparse.Namespace) -> None:
+    from bench.memory import bench_memory, markdown, parse_case
+
+    cases = [parse_case(text) for text in args.case]
+    rows = bench_memory(cases, Path(args.image), Path(args.out) / "memory-logs")
+    write_results(args.out, "memory_results", rows, markdown(rows))
 
 
 def add_bench_parser(sub: argparse._SubParsersAction) -> None:
@@ -612,6 +622,9 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--repeats", type=int, default=1, help="interleaved rounds per case; the table shows medians")
     p.add_argument("--image", action="append", help="image to send (repeat); default samples/*.png")
     p.add_argument(
+        "--tasks", help="comma-separated tasks of a multi-task model: load the first alone, then all in turn (mixed)"
+    )
+    p.add_argument(
         "--routes",
         default="classify",
         help="comma-separated: classify (the image to /classify), oip-image (as OIP BYTES), oip-pixels (OIP FP32 "
@@ -625,6 +638,18 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--out", default="bench-results")
     p.set_defaults(func=cmd_bench_http)
+
+    p = bench.add_parser(
+        "memory", help="memory (PSS, RSS) and disk of real servers: e.g. one multi-task bundle vs a server per task",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )  # fmt: skip
+    p.add_argument(
+        "--case", action="append", required=True,
+        help="NAME=BUNDLE[,BUNDLE...][;BUNDLE...]: servers split by ';', a server's bundles by ','",
+    )  # fmt: skip
+    p.add_argument("--image", default="samples/sneaker.png", help="PNG sent once per task before measuring")
+    p.add_argument("--out", default="bench-results")
+    p.set_defaults(func=cmd_bench_memory)
 
 
 def build_parser() -> argparse.ArgumentParser:

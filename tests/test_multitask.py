@@ -4,6 +4,7 @@ import base64
 import copy
 import json
 
+import httpx
 import numpy as np
 import pytest
 import torch
@@ -211,3 +212,40 @@ def test_task_routes_errors_listing_and_metrics(client):
     metrics = client.get("/metrics").text
     assert 'fpet_task_requests_total{code="200",model="fpet",task="shapes"}' in metrics
     assert 'fpet_task_requests_total{code="200",model="fpet",task="colours"}' in metrics
+
+
+def task_counts(base: str) -> dict[str, float]:
+    metrics = httpx.get(f"{base}/metrics").text
+    line = 'fpet_task_requests_total{{code="200",model="fpet",task="{}"}} '
+    return {task: float(metrics.split(line.format(task))[1].split()[0]) for task in TASKS}
+
+
+def test_load_and_memory_benchmarks_on_a_real_server(multitask_bundles, tmp_path):
+    """A mixed-task load really reaches every task (wrk's request rotation), and the memory benchmark measures a
+    real server that answered every task."""
+    from bench.http import bench_http, summary
+    from bench.memory import bench_memory, free_port, parse_case, start, wait_ready
+
+    bundles, _ = multitask_bundles
+    image = tmp_path / "image.png"
+    image.write_bytes(photo(3))
+    port, log = free_port(), tmp_path / "server.log"
+    server = start((bundles["fpet"],), port, log)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(server, base, log)
+        for client in ("wrk", "python"):
+            before = task_counts(base)
+            rows = bench_http(base, [image], [2], 1.0, ["fpet"], client=client, tasks=list(TASKS))
+            assert [r["route"] for r in rows] == ["task shapes", "3 tasks mixed"]
+            assert all(r["ok"] > 0 and not r["errors"] for r in rows), rows
+            assert "3 tasks mixed / task shapes goodput" in summary(rows)
+            after = task_counts(base)
+            assert all(after[task] > before[task] for task in TASKS), (client, before, after)
+    finally:
+        server.terminate()
+        server.wait(60)
+    [row] = bench_memory([parse_case(f"multi={bundles['fpet']}")], image, tmp_path / "logs")
+    assert row["tasks"] == 3 and row["servers"] == 1 and 0 < row["pss_mib"] <= row["rss_mib"]
+    with pytest.raises(FpetError, match="NAME=BUNDLE"):
+        parse_case("no-bundles")
