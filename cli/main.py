@@ -549,10 +549,13 @@ def cmd_bench_http(args: argparse.Namespace) -> None:
 
 
 def cmd_bench_memory(args: argparse.Namespace) -> None:
+    import tempfile
+
     from bench.memory import bench_memory, markdown, parse_case
 
     cases = [parse_case(text) for text in args.case]
-    rows = bench_memory(cases, Path(args.image), Path(args.out) / "memory-logs")
+    with tempfile.TemporaryDirectory(prefix="fpet-memory-") as logs:
+        rows = bench_memory(cases, Path(args.image), Path(logs))
     write_results(args.out, "memory_results", rows, markdown(rows))
 
 
