@@ -7,6 +7,7 @@ PyTorch model in training form (unfolded, straight-through path) before the bund
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -15,7 +16,7 @@ import shutil
 import tempfile
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -137,23 +138,38 @@ def export_int8(
         fp32.unlink()
 
 
-def verify_maps(
-    reference_maps: np.ndarray, inputs: torch.Tensor, path: Path, precision: str, extra: dict | None = None
-) -> dict:
-    """The graph's merge maps against PyTorch's, as groupings of patches (token numbering aside: a near-tie in the
-    order of the kept tokens renumbers them without changing what merged). Identical in fp32; recorded for lower
-    precisions, whose keys differ by rounding and may pick another partner for a near-tie."""
+def maps_identical(got: np.ndarray, expected: np.ndarray) -> float:
+    """The share of images whose merge maps group the patches alike at every merge point (token numbering aside: a
+    near-tie in the order of the kept tokens renumbers them without changing what merged)."""
     from fpet.mergemap import groups_of
 
     def groupings(maps: np.ndarray) -> list[list[list[tuple[int, ...]]]]:
         return [[sorted(tuple(g) for g in groups_of(row)) for row in image] for image in maps]
 
-    expected = groupings(reference_maps)
+    return float(np.mean([g == e for g, e in zip(groupings(got), groupings(expected), strict=True)]))
+
+
+def verify_maps(reference_maps: np.ndarray, inputs: torch.Tensor, path: Path, precision: str) -> dict:
+    """The graph's merge maps against PyTorch's: identical in fp32; recorded for lower precisions, whose keys differ
+    by rounding and may pick another partner for a near-tie."""
     session = create_session(path, optimization=ORT_OPTIMIZATION)
     x = inputs.numpy().astype(np.float16 if precision == "fp16" else np.float32)
-    got = groupings(session.run([MAPS_NAME], {INPUT_NAME: x, **(extra or {})})[0])
-    identical = float(np.mean([g == e for g, e in zip(got, expected, strict=True)]))
+    identical = maps_identical(session.run([MAPS_NAME], {INPUT_NAME: x})[0], reference_maps)
     return {"images_identical": identical, "passed": precision != "fp32" or identical == 1.0}
+
+
+@contextlib.contextmanager
+def staging_folder(out: Path) -> Iterator[Path]:
+    """A temporary folder beside `out` to build a bundle in, readable as a served bundle must be; removed unless
+    the caller renamed it into place (`replace_dir`)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes 0700
+    try:
+        yield tmp
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
 
 
 def onnx_runner(path: Path) -> Callable[[np.ndarray], np.ndarray]:
@@ -223,10 +239,7 @@ def export_bundle(
         expected, expected_maps = (t.numpy() for t in reference.forward_explained(inputs))
     example = inputs[:2].to(dtype)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes 0700; a served bundle must be readable
-    try:
+    with staging_folder(out) as tmp:
         files, timings, quantization = {}, {}, None
         for fmt in options.formats:
             start = time.monotonic()
@@ -264,9 +277,6 @@ def export_bundle(
                 f"limits {THRESHOLDS[options.precision]}); the bundle was not written"
             )
         replace_dir(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return manifest
 
 

@@ -6,10 +6,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import os
 import re
-import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -26,13 +23,14 @@ from export.exporter import (
     check_destination,
     export_onnx,
     graph_manifest,
+    maps_identical,
     replace_dir,
     run_source,
+    staging_folder,
 )
-from export.verify import BATCH_SIZES, compare, verification_pixels
-from fpet.atomic import current_umask, write_json_atomic
+from export.verify import BATCH_SIZES, compare, verification_pixels, verify_formats
+from fpet.atomic import write_json_atomic
 from fpet.errors import FpetError
-from fpet.mergemap import groups_of
 from fpet.multitask import stack_tasks
 from fpet.sessions import OPTIMIZATION, create_session
 from training.checkpoint import ADAPTERS, load_run
@@ -103,18 +101,12 @@ def verify_tasks(session, inputs: np.ndarray, references: dict[str, tuple[np.nda
     PyTorch logits (its own classes only) and, where the graph merges, its merge maps as groupings of patches."""
     results: dict = {"tasks": {}}
     for t, (name, (logits, _)) in enumerate(references.items()):
-        tasks = np.full(len(inputs), t, dtype=np.int64)
-        per_batch = {
-            str(b): compare(logits, run_graph(session, inputs, tasks, b, [OUTPUT_NAME])[0][:, : logits.shape[1]],
-                            "fp32")
-            for b in BATCH_SIZES
-        }  # fmt: skip
-        results["tasks"][name] = {
-            "batch_sizes": per_batch,
-            "max_abs_error": max(r["max_abs_error"] for r in per_batch.values()),
-            "top1_agreement": min(r["top1_agreement"] for r in per_batch.values()),
-            "passed": all(r["passed"] for r in per_batch.values()),
-        }
+
+        def run(x: np.ndarray, t: int = t, classes: int = logits.shape[1]) -> np.ndarray:
+            feeds = {INPUT_NAME: x, TASK_INPUT: np.full(len(x), t, dtype=np.int64)}
+            return session.run([OUTPUT_NAME], feeds)[0][:, :classes]
+
+        results["tasks"][name] = verify_formats(logits, inputs, {"onnx": run}, "fp32")["onnx"]
     mixed_tasks = np.arange(len(inputs), dtype=np.int64) % len(references)
     merges = any(maps.shape[1] for _, maps in references.values())
     outputs = [OUTPUT_NAME, MAPS_NAME] if merges else [OUTPUT_NAME]
@@ -124,13 +116,9 @@ def verify_tasks(session, inputs: np.ndarray, references: dict[str, tuple[np.nda
         rows = mixed_tasks == t
         mixed["tasks"][name] = compare(logits[rows], got[0][rows, : logits.shape[1]], "fp32")
         if merges:
-            same = [
-                sorted(map(tuple, groups_of(g))) == sorted(map(tuple, groups_of(e)))
-                for image_got, image_expected in zip(got[1][rows], maps[rows], strict=True)
-                for g, e in zip(image_got, image_expected, strict=True)
-            ]
-            mixed["tasks"][name]["merge_maps_identical"] = float(np.mean(same))
-            mixed["tasks"][name]["passed"] &= all(same)
+            identical = maps_identical(got[1][rows], maps[rows])
+            mixed["tasks"][name]["merge_maps_identical"] = identical
+            mixed["tasks"][name]["passed"] &= identical == 1.0
     mixed["passed"] = all(r["passed"] for r in mixed["tasks"].values())
     results["mixed_batch"] = mixed
     results["passed"] = mixed["passed"] and all(r["passed"] for r in results["tasks"].values())
@@ -164,10 +152,7 @@ def export_multitask(
     with torch.no_grad():
         expected = {name: tuple(t.numpy() for t in m.forward_explained(inputs)) for name, m in references.items()}
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    os.chmod(tmp, 0o777 & ~current_umask())
-    try:
+    with staging_folder(out) as tmp:
         start = time.monotonic()
         log(f"exporting {variant} with {len(tasks)} tasks as onnx (fp32) ...")
         example = (inputs[:2], torch.tensor([0, 1 % len(tasks)]))
@@ -210,7 +195,4 @@ def export_multitask(
             failed += [f"{n} (mixed batch)" for n, r in verification["mixed_batch"]["tasks"].items() if not r["passed"]]
             raise FpetError(f"verification failed for {', '.join(failed)}; the bundle was not written")
         replace_dir(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return manifest

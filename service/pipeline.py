@@ -184,10 +184,10 @@ async def batched(
     arrays: list[np.ndarray],
     start: float,
     ticket: Ticket,
-    task: Task | None = None,
+    task: Task,
 ) -> list[Result]:
-    index = None if task is None or task.name is None else task.index
-    results = await state.batchers[model].submit(arrays, deadline_of(request, state.settings, start), ticket, index)
+    deadline = deadline_of(request, state.settings, start)
+    results = await state.batchers[model].submit(arrays, deadline, ticket, task.index)
     request.state.timing["queue"] = max(r.queue_seconds for r in results) * 1000
     request.state.timing["inference"] = max(r.inference_seconds for r in results) * 1000
     return results

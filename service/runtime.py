@@ -33,10 +33,10 @@ def requested_providers(choice: str) -> list[str]:
 @dataclass(frozen=True)
 class Task:
     """A task a bundle serves: its index into the graph's adapter banks and its labels (the first len(labels)
-    logits). A single-task bundle serves one unnamed task."""
+    logits). A single-task bundle serves one unnamed task with no index (its graph has no task input)."""
 
     name: str | None
-    index: int
+    index: int | None
     labels: list[str]
 
 
@@ -53,7 +53,7 @@ class ModelRunner:
         self.tasks: dict[str, Task] = {  # several tasks in one graph (a multi-task bundle), else empty
             t["name"]: Task(t["name"], t["index"], labels[t["name"]]) for t in self.manifest.get("tasks", [])
         }
-        self.single = None if self.tasks else Task(None, 0, labels)
+        self.single = None if self.tasks else Task(None, None, labels)
         self.task_input: str | None = self.manifest["task_input"]["name"] if self.tasks else None
         pre = self.manifest["preprocessing"]
         self.img_size, self.mean, self.std = pre["img_size"], pre["mean"], pre["std"]

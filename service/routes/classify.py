@@ -99,9 +99,8 @@ async def compare(request: Request, state: StateDep, top_k: int = TOP_K, task: s
             async def one(name: str):
                 runner = state.runners[name]
                 array = await asyncio.to_thread(runner.preprocess, image)
-                index = tasks[name].index if tasks[name].name is not None else None
                 (result,) = await state.batchers[name].submit([array], deadline_of(request, state.settings, start),
-                                                              tickets[name], index)  # fmt: skip
+                                                              tickets[name], tasks[name].index)  # fmt: skip
                 return name, runner, result
 
             done = await asyncio.gather(*(one(n) for n in state.runners))

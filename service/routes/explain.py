@@ -29,7 +29,7 @@ PNG = "image/png"
 def explain_image(runner: ModelRunner, image, task: Task) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Input pixels (uint8 [S, S, 3]), logits and merge maps of one decoded image."""
     pixels = resize_rgb(image, runner.img_size)
-    tasks = None if task.name is None else np.array([task.index], dtype=np.int64)
+    tasks = None if task.index is None else np.array([task.index], dtype=np.int64)
     logits, maps = runner.explain(normalize(pixels[None], runner.mean, runner.std), tasks)
     return pixels.transpose(1, 2, 0), logits[0], None if maps is None else maps[0]
 
