@@ -153,12 +153,15 @@ def decode_all(raw: list[bytes], settings: Settings, size: int) -> list:
 
 
 async def decoded(request: Request, state: State, raw: list[bytes], size: int) -> list:
-    """Decoded images, in a worker thread; as many requests decode at once as there are cores."""
-    async with state.decode_slots:
+    """Decoded images, in the decode pool: as many requests decode at once as there are cores."""
+
+    def work() -> list:
         t = time.perf_counter()
-        images = await asyncio.to_thread(decode_all, raw, state.settings, size)
+        images = decode_all(raw, state.settings, size)
         request.state.timing["decode"] = (time.perf_counter() - t) * 1000
-    return images
+        return images
+
+    return await asyncio.get_running_loop().run_in_executor(state.decode_pool, work)
 
 
 async def prepared(request: Request, state: State, runner: ModelRunner, raw: list[bytes]) -> list[np.ndarray]:
@@ -173,8 +176,7 @@ async def prepared(request: Request, state: State, runner: ModelRunner, raw: lis
         timing["decode"], timing["preprocess"] = (t2 - t) * 1000, (time.perf_counter() - t2) * 1000
         return arrays
 
-    async with state.decode_slots:
-        return await asyncio.to_thread(work)
+    return await asyncio.get_running_loop().run_in_executor(state.decode_pool, work)
 
 
 async def batched(

@@ -98,7 +98,7 @@ async def compare(request: Request, state: StateDep, top_k: int = TOP_K, task: s
 
             async def one(name: str):
                 runner = state.runners[name]
-                array = await asyncio.to_thread(runner.preprocess, image)
+                array = await asyncio.get_running_loop().run_in_executor(state.decode_pool, runner.preprocess, image)
                 (result,) = await state.batchers[name].submit([array], deadline_of(request, state.settings, start),
                                                               tickets[name], tasks[name].index)  # fmt: skip
                 return name, runner, result
