@@ -37,7 +37,7 @@ class Result:
     batch_size: int
 
 
-@dataclass
+@dataclass(eq=False)  # compared and hashed by identity: items are tracked in a set while they run
 class _Item:
     image: np.ndarray
     deadline: float
@@ -74,6 +74,7 @@ class MicroBatcher:
         max_batch: int,
         max_delay: float,
         max_queue: int,
+        instances: int = 1,
         on_batch: Callable[[int, float], None] | None = None,
         on_queue: Callable[[int], None] | None = None,
         on_failure: Callable[[str], None] | None = None,
@@ -81,11 +82,12 @@ class MicroBatcher:
     ):
         self.run_batch, self.executor, self.answer_grace = run_batch, executor, answer_grace
         self.max_batch, self.max_delay, self.max_queue = max_batch, max_delay, max_queue
+        self.instances = instances  # batches run side by side; the executor needs as many workers
         self.on_batch = on_batch or (lambda size, seconds: None)
         self.on_queue = on_queue or (lambda depth: None)
         self.on_failure = on_failure or (lambda reason: None)
         self._queue: deque[_Item] = deque()
-        self._running: list[_Item] = []
+        self._running: set[_Item] = set()  # taken from the queue, not yet answered: stop() answers them
         self._reserved = 0
         self._waiters: deque[asyncio.Future] = deque()
         self._arrived = asyncio.Event()
@@ -182,7 +184,7 @@ class MicroBatcher:
             if not item.future.done():
                 item.future.set_exception(error)
         self._queue.clear()
-        self._running = []
+        self._running.clear()
         self.on_queue(0)
         for place in self._waiters:  # waiting requests hear that the batcher is closed or failed
             if not place.done():
@@ -193,11 +195,17 @@ class MicroBatcher:
         """The loop returned: on stop, as it should; otherwise it died, and everything waiting on it must hear so."""
         if task.cancelled() or self._closing:
             return
-        exc = task.exception()
+        self._die(task.exception())
+
+    def _die(self, exc: BaseException | None) -> None:
+        if self.failure is not None:
+            return
         self.failure = f"the batcher stopped: {exc!r}"
         log.error("%s", self.failure, exc_info=exc)
         self._fail_all(ServiceError(500, "internal_error", self.failure))
         self.on_failure(self.failure)
+        if self._task is not None:
+            self._task.cancel()
 
     async def _take_batch(self) -> list[_Item]:
         while not self._queue:
@@ -205,12 +213,14 @@ class MicroBatcher:
                 return []
             self._arrived.clear()
             await self._arrived.wait()
-        batch = self._running = [self._queue.popleft()]  # held where stop() can still answer it
+        batch = [self._queue.popleft()]
+        self._running.add(batch[0])
         under_load = bool(self._queue)  # an image arriving alone on an idle batcher goes at once
         end = time.perf_counter() + self.max_delay
         while len(batch) < self.max_batch:
             if self._queue:
                 batch.append(self._queue.popleft())
+                self._running.add(batch[-1])
                 continue
             remaining = end - time.perf_counter()
             if not under_load or remaining <= 0:
@@ -225,42 +235,64 @@ class MicroBatcher:
         return batch
 
     async def _loop(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            batch = await self._take_batch()
-            if not batch:
-                return  # closing, and nothing left to run
+        """A batch is formed when an instance is free (as late as possible, so it is as full as it can be); with
+        several instances, batches run side by side. On stop, the running batches finish before the loop returns."""
+        free = asyncio.Semaphore(self.instances)
+        running: set[asyncio.Task] = set()
+
+        def done(task: asyncio.Task) -> None:
+            running.discard(task)
+            free.release()
+
+        try:
+            while True:
+                await free.acquire()
+                batch = await self._take_batch()
+                if not batch:
+                    break  # closing, and nothing left to start
+                task = asyncio.get_running_loop().create_task(self._run(batch))
+                running.add(task)
+                task.add_done_callback(done)
+            await asyncio.gather(*running)
+        except asyncio.CancelledError:
+            for task in running:  # their items stay in _running, where stop() answers them
+                task.cancel()
+            raise
+
+    async def _run(self, batch: list[_Item]) -> None:
+        """One batch through the model; a failed inference fails its requests, anything else stops the batcher."""
+        try:
             now = time.perf_counter()
             live = []
             for item in batch:
                 if item.future.done():
-                    continue
-                if now > item.deadline:
+                    self._running.discard(item)
+                elif now > item.deadline:
+                    self._running.discard(item)
                     item.future.set_exception(
                         ServiceError(504, "timeout", "the request's deadline passed in the queue")
                     )
                 else:
                     live.append(item)
             if not live:
-                self._running = []
-                continue
-            self._running = live
+                return
             start = time.perf_counter()
             try:
                 inputs = [np.stack([i.image for i in live])]
                 if live[0].task is not None:
                     inputs.append(np.array([i.task for i in live], dtype=np.int64))
-                logits = await loop.run_in_executor(self.executor, self.run_batch, *inputs)
-            except Exception as exc:  # a failed batch fails its requests, never the loop
-                self._running = []
+                logits = await asyncio.get_running_loop().run_in_executor(self.executor, self.run_batch, *inputs)
+            except Exception as exc:
+                self._running.difference_update(live)
                 for item in live:
                     if not item.future.done():
                         item.future.set_exception(exc)
-                continue
-            # (cancelled mid-batch by stop(): the batch stays in _running, where stop() answers it)
-            self._running = []
+                return
             seconds = time.perf_counter() - start
             self.on_batch(len(live), seconds)
             for item, row in zip(live, logits, strict=True):
                 if not item.future.done():
                     item.future.set_result(Result(row, start - item.enqueued, seconds, len(live)))
+            self._running.difference_update(live)
+        except Exception as exc:  # a bug here must not leave the batch unanswered: _die answers it
+            self._die(exc)

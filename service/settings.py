@@ -21,7 +21,13 @@ class Settings(BaseSettings):
     workers: int = Field(1, ge=1, description="uvicorn workers; on a GPU scale with replicas instead")
     providers: Literal["auto", "cpu", "cuda"] = "auto"
     allow_cpu_fallback: bool = Field(True, description="serve on CPU when CUDA was asked for but is unavailable")
-    threads: int = Field(0, ge=0, description="onnxruntime intra-op threads per model (0: onnxruntime's default)")
+    threads: int = Field(
+        0, ge=0, description="onnxruntime intra-op threads per instance (0: the cores split between the instances)"
+    )
+    instances: int = Field(
+        1, ge=1, description="batches of one model run side by side (Triton's instance count); more: throughput "
+        "under load, fewer: latency when idle",
+    )  # fmt: skip
     max_batch_size: int = Field(0, ge=0, description="largest batch per model (0: 32 on a GPU, 8 on a CPU)")
     max_delay_ms: float = Field(2.0, ge=0, description="longest wait to fill a batch, only under load")
     max_queue_images: int = Field(64, ge=1, description="queued images per model before 429")

@@ -93,7 +93,7 @@ def load(state: State) -> None:
     """Load and warm every bundle (in a worker thread: this takes seconds)."""
     settings = state.settings
     for path in bundle_paths(settings):
-        runner = ModelRunner(path, settings.providers, settings.threads)
+        runner = ModelRunner(path, settings.providers, session_threads(settings))
         if runner.name in state.runners:
             raise ServiceError(500, "internal_error", f"two bundles serve the variant {runner.name!r}")
         runner.warm_up(state.max_batch(runner))
@@ -111,10 +111,17 @@ def load(state: State) -> None:
                  runner.load_seconds, runner.warmup_seconds)  # fmt: skip
 
 
+def session_threads(settings: Settings) -> int:
+    """One instance keeps onnxruntime's own choice; several share the cores instead of each taking them all."""
+    if settings.threads or settings.instances == 1:
+        return settings.threads
+    return max(1, (os.cpu_count() or 1) // settings.instances)
+
+
 def start_batchers(state: State) -> None:
     settings = state.settings
     for name, runner in state.runners.items():
-        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"infer-{name}")
+        executor = ThreadPoolExecutor(max_workers=settings.instances, thread_name_prefix=f"infer-{name}")
         state.executors.append(executor)
 
         def on_batch(size: int, seconds: float, name: str = name, provider: str = runner.provider) -> None:
@@ -125,7 +132,7 @@ def start_batchers(state: State) -> None:
 
         batcher = MicroBatcher(
             runner.run, executor, max_batch=state.max_batch(runner), max_delay=settings.max_delay_ms / 1000,
-            max_queue=settings.max_queue_images, on_batch=on_batch,
+            max_queue=settings.max_queue_images, instances=settings.instances, on_batch=on_batch,
             on_queue=lambda depth, name=name: metrics.QUEUE_IMAGES.labels(name).set(depth),
             on_failure=lambda reason, name=name: state.set_ready(False, f"{name}: {reason}"),
         )  # fmt: skip

@@ -2,7 +2,9 @@
 
 import base64
 import io
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -430,3 +432,25 @@ def test_recent_rate_counts_every_request_beyond_the_latency_sample():
     assert summary["requests"] == 100 and summary["requests_per_s"] == 10.0
     assert 10 <= summary["p50_ms"] <= 100
     assert recent.summary(now=1100.0)["models"]["fpet"]["requests"] == 0  # the window moved on
+
+
+def test_instances_split_the_cores_and_answer_as_one_instance_does(tiny_bundles, monkeypatch):
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    settings = Settings(bundles=[str(tiny_bundles["fpet"])], providers="cpu", instances=2, max_batch_size=2)
+    one = Settings(bundles=[str(tiny_bundles["fpet"])], providers="cpu")
+    bodies = [jpeg((40 * i, 200 - 30 * i, 90)) for i in range(6)]
+
+    def top(c, body):
+        response = c.post("/classify", content=body, headers={"Content-Type": "image/jpeg"})
+        assert response.status_code == 200, response.text
+        return [(p["index"], round(p["score"], 5)) for p in response.json()["predictions"]]
+
+    with TestClient(create_app(settings)) as two:
+        runner = two.app.state.fpet.runners["fpet"]
+        assert runner.session.get_session_options().intra_op_num_threads == 2  # 4 cores, 2 instances
+        with ThreadPoolExecutor(6) as pool:
+            answers = list(pool.map(lambda body: top(two, body), bodies))
+        batches = metric(two.get("/metrics").text, 'fpet_batches_total{model="fpet"}')
+    with TestClient(create_app(one)) as single:
+        assert answers == [top(single, body) for body in bodies]
+    assert batches >= 3  # six images in batches of at most two

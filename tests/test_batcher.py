@@ -1,6 +1,7 @@
 """The micro-batcher with a fake runner: batching, delay, queue bound, deadlines."""
 
 import asyncio
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -267,3 +268,76 @@ def test_requests_for_different_tasks_share_batches_and_each_row_keeps_its_task(
     _, rest = run(with_batcher(runner, body))
     assert [(float(r[0].logits[0]), int(r[0].logits[1])) for r in rest] == [(i, i % 3) for i in range(6)]
     assert any(len(set(tasks)) > 1 for tasks in seen[1:]), seen  # a batch mixed tasks
+
+
+class OverlapRunner(FakeRunner):
+    """Counts how many batches are inside the model at once."""
+
+    def __init__(self, seconds: float):
+        super().__init__(seconds)
+        self.active = self.most = 0
+        self.lock = threading.Lock()
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        with self.lock:
+            self.active += 1
+            self.most = max(self.most, self.active)
+        try:
+            return super().__call__(batch)
+        finally:
+            with self.lock:
+                self.active -= 1
+
+
+async def with_instances(runner, body, instances: int, **kwargs):
+    settings = {"max_batch": 2, "max_delay": 0.0, "max_queue": 16, **kwargs}
+    with ThreadPoolExecutor(instances) as executor:
+        batcher = MicroBatcher(runner, executor, instances=instances, **settings)
+        batcher.start()
+        try:
+            return await body(batcher)
+        finally:
+            await batcher.stop()
+
+
+@pytest.mark.parametrize("instances", [1, 2, 3])
+def test_instances_run_that_many_batches_side_by_side_and_answer_every_request(instances):
+    runner = OverlapRunner(seconds=0.1)
+
+    async def body(batcher):
+        return await asyncio.gather(*(batcher.submit([img], time.perf_counter() + 5) for img in images(12)))
+
+    results = run(with_instances(runner, body, instances))
+    assert [float(r[0].logits[0]) for r in results] == [2.0 * i for i in range(12)]
+    assert runner.most == instances, (runner.most, runner.batches)
+    assert max(runner.batches) == 2 and sum(runner.batches) == 12
+
+
+def test_stop_answers_every_running_batch_of_every_instance():
+    runner = OverlapRunner(seconds=0.5)
+
+    async def body(batcher):
+        pending = [asyncio.ensure_future(batcher.submit(images(1), time.perf_counter() + 5)) for _ in range(6)]
+        await asyncio.sleep(0.1)  # two batches of two are running, two images are queued
+        await batcher.stop(timeout=0.1)
+        return await asyncio.gather(*pending, return_exceptions=True)
+
+    outcomes = run(with_instances(runner, body, 2))
+    assert runner.most == 2
+    assert all(isinstance(o, ServiceError) and o.status == 503 for o in outcomes), outcomes
+
+
+def test_a_batch_that_breaks_after_inference_stops_the_batcher_and_answers_its_requests():
+    failures = []
+
+    async def body(batcher):
+        return await asyncio.gather(
+            *(batcher.submit([img], time.perf_counter() + 5) for img in images(4)), return_exceptions=True
+        )
+
+    def broken_metrics(size, seconds):
+        raise RuntimeError("metrics broke")
+
+    outcomes = run(with_instances(FakeRunner(0.05), body, 2, on_batch=broken_metrics, on_failure=failures.append))
+    assert all(isinstance(o, ServiceError) and o.status == 500 for o in outcomes), outcomes
+    assert failures and "metrics broke" in failures[0]
