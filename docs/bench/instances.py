@@ -1,6 +1,7 @@
 """Model-only throughput at batch 8 for docs/benchmarks.md "Several instances per model": one session run by one
-thread with onnxruntime's own threads (the service's default), against one session of one intra-op thread run by two
-threads at once (`fpet serve --instances 2`). Sessions are made as the service makes them.
+thread with onnxruntime's own threads (the service's default), against one session run by two threads at once with
+one intra-op thread each (`fpet serve --instances 2`) or onnxruntime's own (`--instances 2 --threads 2` on two
+cores). Sessions are made as the service makes them.
 
     .venv/bin/python docs/bench/instances.py   # after `make bundles`; pause anything else using the CPU
 """
@@ -39,7 +40,7 @@ def images_per_second(variant: str, threads: int, callers: int, seconds: float =
 
 if __name__ == "__main__":
     for round_ in range(3):
-        for threads, callers in ((0, 1), (1, 2)):
+        for threads, callers in ((0, 1), (1, 2), (0, 2)):
             b, f = images_per_second("backbone", threads, callers), images_per_second("fpet", threads, callers)
             setup = f"threads={threads or 'default'} callers={callers}"
             print(f"round {round_} {setup}: backbone {b:.1f} fpet {f:.1f} img/s, ratio {f / b:.3f}", flush=True)
