@@ -10,7 +10,8 @@ import contextlib
 import hmac
 import json
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import TypeVar
 
 import numpy as np
 from fastapi import Request
@@ -25,6 +26,8 @@ from service.runtime import ModelRunner, Task
 from service.schemas import JsonRequest, Prediction
 from service.settings import Settings
 from service.state import State
+
+T = TypeVar("T")
 
 
 def check_key(request: Request, settings: Settings) -> None:
@@ -161,7 +164,12 @@ async def decoded(request: Request, state: State, raw: list[bytes], size: int) -
         request.state.timing["decode"] = (time.perf_counter() - t) * 1000
         return images
 
-    return await asyncio.get_running_loop().run_in_executor(state.decode_pool, work)
+    return await in_decode_pool(state, work)
+
+
+async def in_decode_pool(state: State, work: Callable[..., T], *args: object) -> T:
+    """Decoding and preprocessing run off the event loop, as many at once as there are cores."""
+    return await asyncio.get_running_loop().run_in_executor(state.decode_pool, work, *args)
 
 
 async def prepared(request: Request, state: State, runner: ModelRunner, raw: list[bytes]) -> list[np.ndarray]:
@@ -176,7 +184,7 @@ async def prepared(request: Request, state: State, runner: ModelRunner, raw: lis
         timing["decode"], timing["preprocess"] = (t2 - t) * 1000, (time.perf_counter() - t2) * 1000
         return arrays
 
-    return await asyncio.get_running_loop().run_in_executor(state.decode_pool, work)
+    return await in_decode_pool(state, work)
 
 
 async def batched(

@@ -16,6 +16,7 @@ from service.pipeline import (
     deadline_of,
     decoded,
     finished,
+    in_decode_pool,
     prepared,
     read_images,
     top_predictions,
@@ -98,7 +99,7 @@ async def compare(request: Request, state: StateDep, top_k: int = TOP_K, task: s
 
             async def one(name: str):
                 runner = state.runners[name]
-                array = await asyncio.get_running_loop().run_in_executor(state.decode_pool, runner.preprocess, image)
+                array = await in_decode_pool(state, runner.preprocess, image)
                 (result,) = await state.batchers[name].submit([array], deadline_of(request, state.settings, start),
                                                               tickets[name], tasks[name].index)  # fmt: skip
                 return name, runner, result
