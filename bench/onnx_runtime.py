@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import statistics
+import threading
 import time
 from pathlib import Path
 
@@ -27,6 +28,30 @@ def session(bundle: Path, level: str, threads: int):
     return create_session(bundle / read_manifest(bundle)["files"]["onnx"], threads=threads, optimization=level)
 
 
+def timed_runs(sess, outputs: list[str], feed: dict, min_seconds: float, callers: int = 1) -> tuple[int, float]:
+    """Runs completed and seconds taken, with `callers` threads calling the one session at once, as the service's
+    instances do (`fpet serve --instances N`); each caller finishes the run it started when time is up."""
+    counts, stop = [0] * callers, time.perf_counter() + min_seconds
+
+    def call(i: int) -> None:
+        while True:
+            sess.run(outputs, feed)
+            counts[i] += 1
+            if time.perf_counter() >= stop:
+                return
+
+    start = time.perf_counter()
+    if callers == 1:
+        call(0)
+    else:
+        workers = [threading.Thread(target=call, args=(i,)) for i in range(callers)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+    return sum(counts), time.perf_counter() - start
+
+
 def bench_bundles(
     bundles: list[Path],
     batch_sizes: list[int],
@@ -34,7 +59,10 @@ def bench_bundles(
     repeats: int = 5,
     min_seconds: float = 0.5,
     threads: int = 2,
+    callers: int = 1,
 ) -> list[dict]:
+    if callers < 1:
+        raise FpetError(f"callers must be at least 1, not {callers}")
     manifests = [read_manifest(b) for b in bundles]
     sessions = {(i, level): session(b, level, threads) for i, b in enumerate(bundles) for level in levels}
     samples: dict[tuple, list[float]] = {}
@@ -47,19 +75,13 @@ def bench_bundles(
         for _ in range(repeats):
             for (i, level), sess in sessions.items():
                 feed = {sess.get_inputs()[0].name: inputs[i]}
-                runs, start = 0, time.perf_counter()
-                while True:
-                    sess.run(outputs[i], feed)
-                    runs += 1
-                    elapsed = time.perf_counter() - start
-                    if elapsed >= min_seconds:
-                        break
+                runs, elapsed = timed_runs(sess, outputs[i], feed, min_seconds, callers)
                 samples.setdefault((i, level, batch), []).append(1000 * elapsed / (runs * batch))
     rows = []
     for (i, level, batch), ms in samples.items():
         rows.append({
             "bundle": str(bundles[i]), "variant": manifests[i]["variant"], "precision": precision(manifests[i]),
-            "schedule": manifests[i]["schedule"],
+            "schedule": manifests[i]["schedule"], "threads": threads, "callers": callers,
             "gmacs": manifests[i]["gmacs"], "optimization": level, "batch_size": batch,
             "ms_per_image": statistics.median(ms), "ms_range": [min(ms), max(ms)],
             "images_per_s": 1000 / statistics.median(ms),
@@ -95,7 +117,10 @@ def bundle_accuracy(bundle: Path, data: Path, split: str = "test", batch_size: i
 
 
 def markdown(rows: list[dict]) -> str:
+    setups = sorted({(r["threads"], r["callers"]) for r in rows})
     lines = [
+        "; ".join(f"{t or 'onnxruntime default'} intra-op threads, {c} caller(s) per session" for t, c in setups),
+        "",
         "| bundle | variant | precision | schedule | GMACs | ORT optimisation | batch | ms/image (median) | range | "
         "speedup | ideal | accuracy |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",

@@ -311,8 +311,9 @@ def cmd_bench_onnx(args: argparse.Namespace) -> None:
 
         bundles = [default_bundle_dir("backbone"), default_bundle_dir("fpet")]
     rows = bench_bundles(
-        bundles, [int(b) for b in args.batch_sizes.split(",")], repeats=args.repeats, threads=args.threads
-    )
+        bundles, [int(b) for b in args.batch_sizes.split(",")], repeats=args.repeats, threads=args.threads,
+        callers=args.callers,
+    )  # fmt: skip
     if args.data:
         from bench.onnx_runtime import bundle_accuracy
 
@@ -610,7 +611,14 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--bundle", action="append", help="bundle folder (repeat); the first is the baseline")
     p.add_argument("--batch-sizes", default="1,8")
     p.add_argument("--repeats", type=int, default=5, help="interleaved repeats of at least 0.5 s each")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2, help="intra-op threads per session (0: onnxruntime's choice)")
+    p.add_argument(
+        "--callers",
+        type=int,
+        default=1,
+        help="threads running each session at once, like `fpet serve --instances N` (then set --threads "
+        "to the service's per-session threads); ms/image is then wall time over all callers' images",
+    )
     p.add_argument("--data", help="also measure each bundle's accuracy on every image of this data's test split")
     p.add_argument("--out", default="bench-results")
     p.set_defaults(func=cmd_bench_onnx)

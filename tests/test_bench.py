@@ -1,3 +1,8 @@
+import threading
+import time
+
+import pytest
+
 from bench.train import bench_train, markdown
 
 
@@ -24,6 +29,48 @@ def test_onnx_benchmark_smoke(tmp_path):
     fpet = next(r for r in rows if r["variant"] == "fpet")
     assert fpet["ideal_speedup_vs_first"] > 1
     assert "| fpet | fpet | fp32 | `6:0.5` |" in onnx_markdown(rows)
+
+
+def test_onnx_benchmark_callers_share_one_session(tmp_path, monkeypatch):
+    """Two callers must be inside one session's run at the same time, as two service instances are."""
+    from bench import onnx_runtime
+    from export.exporter import ExportOptions, export_bundle
+    from fpet.errors import FpetError
+    from tests.training_helpers import make_run
+
+    run = make_run(tmp_path / "run")
+    export_bundle(run, tmp_path / "fpet", ExportOptions(variant="fpet", formats=("onnx",)), log=lambda _: None)
+    inside, most, lock = 0, 0, threading.Lock()
+    real_session = onnx_runtime.session
+
+    def watched_session(*args):
+        real = real_session(*args)
+
+        class Watched:
+            def get_inputs(self):
+                return real.get_inputs()
+
+            def run(self, outputs, feed):
+                nonlocal inside, most
+                with lock:
+                    inside += 1
+                    most = max(most, inside)
+                try:
+                    time.sleep(0.005)
+                    return real.run(outputs, feed)
+                finally:
+                    with lock:
+                        inside -= 1
+
+        return Watched()
+
+    monkeypatch.setattr(onnx_runtime, "session", watched_session)
+    rows = onnx_runtime.bench_bundles([tmp_path / "fpet"], [2], ("ORT_ENABLE_ALL",), repeats=1, min_seconds=0.1,
+                                      threads=1, callers=2)  # fmt: skip
+    assert most == 2 and rows[0]["callers"] == 2 and rows[0]["ms_per_image"] > 0
+    assert "1 intra-op threads, 2 caller(s) per session" in onnx_runtime.markdown(rows)
+    with pytest.raises(FpetError, match="callers must be at least 1"):
+        onnx_runtime.bench_bundles([tmp_path / "fpet"], [2], callers=0)
 
 
 def test_model_benchmark_smoke(tmp_path):
