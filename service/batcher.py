@@ -3,8 +3,9 @@ and only when other requests are already queued (never when idle), bounds its qu
 deadline before inference, and runs inference in a worker thread so the event loop stays free.
 
 Admission comes before any work: a request takes a ticket (a place in the queue) before its body is read, so a full
-queue refuses it for the price of a 429. Every accepted request is answered: on stop (the running batch finishes, the
-queue is refused with 503), when the loop dies (500, and the batcher refuses what comes after), and by a bound on
+queue refuses it for the price of a 429. Every accepted request is answered: on stop (requests waiting for a place
+are refused with 503 at once, the running batches finish, then the queue runs for up to the drain timeout and what is
+left is refused with 503), when the loop dies (500, and the batcher refuses what comes after), and by a bound on
 every wait (504 after the deadline plus a grace)."""
 
 from __future__ import annotations
@@ -126,15 +127,19 @@ class MicroBatcher:
         self._waiters.append(place)
         try:
             return await asyncio.wait_for(place, wait)
-        except TimeoutError:
-            raise overloaded() from None
-        finally:
+        except BaseException as exc:
             if place in self._waiters:
                 self._waiters.remove(place)
+            elif place.done() and not place.cancelled() and place.exception() is None:
+                place.result().release()  # a place came as the wait ended (timeout or cancel): pass it on
+            if isinstance(exc, TimeoutError):
+                raise overloaded() from None
+            raise
 
     def _hand_over(self) -> None:
-        """Give freed places to the requests waiting for one, first come first served: one wakes per place."""
-        while self._waiters and not self._full:
+        """Give freed places to the requests waiting for one, first come first served: one wakes per place (none
+        once closing: they were refused)."""
+        while self._waiters and not self._full and not self._closing:
             place = self._waiters.popleft()
             if not place.done():
                 self._reserved += 1
@@ -142,26 +147,32 @@ class MicroBatcher:
 
     async def stop(self, timeout: float = 30.0) -> None:
         """Refuse new work, run what is queued for up to `timeout`, then answer whatever is left with a 503."""
+        closed = ServiceError(503, "shutting_down", "the server is shutting down", {"Retry-After": "5"})
         self._closing = True
+        self._refuse_waiters(closed)  # they hold no place: nothing of theirs was read yet
         self._arrived.set()
         if self._task is not None and not self._task.done():
-            try:
-                await asyncio.wait_for(asyncio.shield(self._task), timeout)
-            except TimeoutError:
+            # asyncio.wait, not wait_for: a loop that dies (and cancels itself) meanwhile must not raise into stop()
+            finished, _ = await asyncio.wait({self._task}, timeout=timeout)
+            if not finished:
                 self._task.cancel()
                 await asyncio.gather(self._task, return_exceptions=True)
-        self._fail_all(ServiceError(503, "shutting_down", "the server is shutting down"))
+        self._fail_all(closed)
 
     async def submit(
         self, images: list[np.ndarray], deadline: float, ticket: Ticket | None = None, task: int | None = None
     ) -> list[Result]:
         """Queue a request's images; with `task` (multi-task models) they join batches of any task, and the runner
         is called with each image's task index as well."""
-        if ticket is not None:
-            ticket.consume()
-        self._check_open()
-        if len(self._queue) + self._reserved + len(images) > self.max_queue:
-            raise overloaded()
+        held = ticket is not None and ticket.consume()
+        try:
+            self._check_open()
+            if len(self._queue) + self._reserved + len(images) > self.max_queue:
+                raise overloaded()
+        except ServiceError:
+            if held:
+                self._hand_over()  # the place the ticket held is free again
+            raise
         loop = asyncio.get_running_loop()
         items = [_Item(image, deadline, loop.create_future(), task) for image in images]
         self._queue.extend(items)
@@ -186,14 +197,18 @@ class MicroBatcher:
         self._queue.clear()
         self._running.clear()
         self.on_queue(0)
-        for place in self._waiters:  # waiting requests hear that the batcher is closed or failed
+        self._refuse_waiters(error)
+
+    def _refuse_waiters(self, error: ServiceError) -> None:
+        """Requests waiting for a place hear that the batcher is closed or failed."""
+        for place in self._waiters:
             if not place.done():
                 place.set_exception(error)
         self._waiters.clear()
 
     def _ended(self, task: asyncio.Task) -> None:
         """The loop returned: on stop, as it should; otherwise it died, and everything waiting on it must hear so."""
-        if task.cancelled() or self._closing:
+        if task.cancelled() or (self._closing and task.exception() is None):
             return
         self._die(task.exception())
 

@@ -27,7 +27,9 @@ STAGES = ("decode", "preprocess", "queue", "inference", "postprocess")
 REASONS = ("invalid_image", "invalid_request", "unauthorized", "payload_too_large", "unsupported_media_type",
            "validation_error", "overloaded", "not_ready", "shutting_down", "timeout", "internal_error")  # fmt: skip
 
-REQUESTS = Counter("fpet_requests", "Requests answered", ["model", "code"])
+REQUESTS = Counter(
+    "fpet_requests", "Requests by status code (499: cancelled at shutdown, never answered)", ["model", "code"]
+)
 ERRORS = Counter("fpet_request_errors", "Requests answered with an error", ["model", "reason"])
 REQUEST_SECONDS = Histogram(
     "fpet_request_duration_seconds", "End-to-end request latency", ["model", "provider"], buckets=LATENCY_BUCKETS

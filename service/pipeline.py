@@ -44,14 +44,18 @@ def check_key(request: Request, settings: Settings) -> None:
 
 @contextlib.contextmanager
 def accounted(model: str, provider: str, start: float, task: str | None = None) -> Iterator[None]:
-    """Every request to a model counts once: in flight while it runs, then its code, error reason and latency (by
-    task too for a multi-task model's; `task` must be one the model serves, so the label set stays closed)."""
+    """Every request to a model counts once: in flight while it runs, then its code (499: cancelled, never answered),
+    error reason and latency (by task too for a multi-task model's; `task` must be one the model serves, so the label
+    set stays closed)."""
     metrics.IN_FLIGHT.labels(model).inc()
     code, reason = 200, None
     try:
         yield
     except ServiceError as exc:
         code, reason = exc.status, exc.error_type
+        raise
+    except asyncio.CancelledError:  # uvicorn gave up on it at shutdown: it ends with no answer
+        code, reason = 499, "cancelled"
         raise
     except Exception:
         code, reason = 500, "internal_error"

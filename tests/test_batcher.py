@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from service.batcher import MicroBatcher
+from service.batcher import MicroBatcher, Ticket
 from service.errors import ServiceError
 
 
@@ -341,3 +341,127 @@ def test_a_batch_that_breaks_after_inference_stops_the_batcher_and_answers_its_r
     outcomes = run(with_instances(FakeRunner(0.05), body, 2, on_batch=broken_metrics, on_failure=failures.append))
     assert all(isinstance(o, ServiceError) and o.status == 500 for o in outcomes), outcomes
     assert failures and "metrics broke" in failures[0]
+
+
+def test_stop_returns_when_a_batch_breaks_after_inference_during_the_drain():
+    """The broken batch stops the loop while stop() waits on it: stop() must still return, not raise, and answer."""
+    failures = []
+
+    def broken_metrics(size, seconds):
+        raise RuntimeError("metrics broke")
+
+    async def go():
+        with ThreadPoolExecutor(1) as executor:
+            batcher = MicroBatcher(FakeRunner(0.2), executor, max_batch=1, max_delay=0.0, max_queue=8,
+                                   on_batch=broken_metrics, on_failure=failures.append)  # fmt: skip
+            batcher.start()
+            pending = [asyncio.ensure_future(batcher.submit(images(1), time.perf_counter() + 5)) for _ in range(2)]
+            await asyncio.sleep(0.05)  # one image is running, one is queued
+            await batcher.stop(timeout=5)
+            return await asyncio.gather(*pending, return_exceptions=True)
+
+    outcomes = run(go())
+    assert all(isinstance(o, ServiceError) and o.status in (500, 503) for o in outcomes), outcomes
+    assert failures and "metrics broke" in failures[0]
+
+
+def test_stop_refuses_waiting_requests_at_once():
+    """A request waiting for a place has sent nothing the server read: on stop it hears 503 at once, rather than
+    getting a place, having its body read and decoded, and being refused after all."""
+
+    async def go():
+        with ThreadPoolExecutor(1) as executor:
+            batcher = MicroBatcher(FakeRunner(0.3), executor, max_batch=1, max_delay=0.0, max_queue=1)
+            batcher.start()
+            running = asyncio.ensure_future(batcher.submit(images(1), time.perf_counter() + 5))
+            await asyncio.sleep(0.05)
+            held = await batcher.admit()  # the one place
+            waiter = asyncio.ensure_future(batcher.admit(wait=2.0))
+            await asyncio.sleep(0.01)
+            stopping = asyncio.ensure_future(batcher.stop(timeout=5))
+            start = time.perf_counter()
+            outcome = (await asyncio.gather(waiter, return_exceptions=True))[0]
+            refused_after = time.perf_counter() - start
+            held.release()
+            await stopping
+            await running
+            return outcome, refused_after
+
+    outcome, refused_after = run(go())
+    assert isinstance(outcome, ServiceError) and outcome.error_type == "shutting_down", outcome
+    assert refused_after < 0.1
+
+
+def test_a_place_freed_by_a_refused_submit_goes_to_a_waiting_request():
+    async def body(batcher):
+        first, _second = await batcher.admit(), await batcher.admit()  # both places are held
+        waiter = asyncio.ensure_future(batcher.admit(wait=1.0))
+        await asyncio.sleep(0)
+        with pytest.raises(ServiceError) as too_many:
+            await batcher.submit(images(3), time.perf_counter() + 5, first)  # three images for two places
+        first.release()  # as `admitted` does on the way out
+        start = time.perf_counter()
+        outcome = (await asyncio.gather(waiter, return_exceptions=True))[0]
+        return too_many.value, outcome, time.perf_counter() - start
+
+    too_many, outcome, waited = run(with_batcher(FakeRunner(), body, max_queue=2))
+    assert too_many.status == 429
+    assert not isinstance(outcome, BaseException), outcome  # the freed place, not a 429 after the whole wait
+    assert waited < 0.5
+
+
+@pytest.mark.parametrize("ending", ["timeout", "cancel"])
+def test_a_place_given_as_the_wait_ends_is_not_lost(ending):
+    """A place handed to a waiter in the same loop pass as its wait ends (timeout or cancel) goes back to the queue
+    (Python 3.12's wait_for raises then, dropping the handed place)."""
+
+    async def body(batcher):
+        held = await batcher.admit()
+        waiter = asyncio.ensure_future(batcher.admit(wait=0.05 if ending == "timeout" else 5.0))
+        await asyncio.sleep(0)
+        loop = asyncio.get_running_loop()
+        if ending == "timeout":
+            loop.call_later(0.04, held.release)  # the place frees just before the wait ends,
+            loop.call_later(0.01, lambda: time.sleep(0.1))  # and a busy loop sees both in one pass
+        else:
+            held.release()
+            waiter.cancel()
+        outcome = (await asyncio.gather(waiter, return_exceptions=True))[0]
+        if isinstance(outcome, Ticket):  # Python 3.11's wait_for returns the place instead
+            outcome.release()
+        return await batcher.admit()
+
+    assert isinstance(run(with_batcher(FakeRunner(), body, max_queue=1)), Ticket)
+
+
+def test_a_cancelled_request_counts_as_499_not_200():
+    from service import metrics
+    from service.pipeline import accounted
+
+    def count(code):
+        return metrics.REQUESTS.labels("cancel-test", code)._value.get()
+
+    async def handler():
+        with accounted("cancel-test", "CPUExecutionProvider", time.perf_counter()):
+            await asyncio.sleep(10)
+
+    async def go():
+        task = asyncio.ensure_future(handler())
+        await asyncio.sleep(0.01)
+        task.cancel()  # what uvicorn does to handlers still running when its shutdown timeout ends
+        await asyncio.gather(task, return_exceptions=True)
+
+    before = count("200"), count("499")
+    run(go())
+    assert (count("200"), count("499")) == (before[0], before[1] + 1)
+
+
+def test_the_queue_depth_reported_falls_back_to_zero_as_batches_are_taken():
+    depths = []
+
+    async def body(batcher):
+        await asyncio.gather(*(batcher.submit([img], time.perf_counter() + 5) for img in images(6)))
+        return list(depths)  # before stop(), which reports 0 itself
+
+    seen = run(with_batcher(FakeRunner(0.02), body, on_queue=depths.append))
+    assert max(seen) >= 2 and seen[-1] == 0, seen
