@@ -10,7 +10,7 @@ import contextlib
 import hmac
 import json
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import TypeVar
 
 import numpy as np
@@ -174,6 +174,19 @@ async def decoded(request: Request, state: State, raw: list[bytes], size: int) -
 async def in_decode_pool(state: State, work: Callable[..., T], *args: object) -> T:
     """Decoding and preprocessing run off the event loop, as many at once as there are cores."""
     return await asyncio.get_running_loop().run_in_executor(state.decode_pool, work, *args)
+
+
+async def all_or_none(coroutines: list[Awaitable[T]]) -> list[T]:
+    """Run side by side; when one fails the others are cancelled, and have ended, before the error goes on: no work
+    of a request outlives its answer, nor queues on a place that the request has already given back."""
+    tasks = [asyncio.ensure_future(c) for c in coroutines]
+    try:
+        return await asyncio.gather(*tasks)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
 
 
 async def prepared(request: Request, state: State, runner: ModelRunner, raw: list[bytes]) -> list[np.ndarray]:

@@ -454,3 +454,30 @@ def test_instances_split_the_cores_and_answer_as_one_instance_does(tiny_bundles,
     with TestClient(create_app(one)) as single:
         assert answers == [top(single, body) for body in bodies]
     assert batches >= 3  # six images in batches of at most two
+
+
+def test_compare_leaves_no_work_behind_when_one_variant_fails(tiny_bundles):
+    """The backbone's batch fails while fpet is still preprocessing: fpet's part must be cancelled, not go on to
+    queue an image on the place the answered request gave back."""
+    settings = Settings(bundles=[str(tiny_bundles["fpet"]), str(tiny_bundles["backbone"])], providers="cpu")
+    fpet_batches = []
+
+    def broken(*inputs):
+        raise RuntimeError("backbone broke")
+
+    with TestClient(create_app(settings), raise_server_exceptions=False) as c:
+        state = c.app.state.fpet
+        slow_preprocess = state.runners["fpet"].preprocess
+
+        def slow(image):
+            time.sleep(0.3)
+            return slow_preprocess(image)
+
+        state.runners["fpet"].preprocess = slow
+        fpet_run = state.batchers["fpet"].run_batch
+        state.batchers["fpet"].run_batch = lambda *inputs: fpet_batches.append(len(inputs[0])) or fpet_run(*inputs)
+        state.batchers["backbone"].run_batch = broken
+        response = c.post("/classify/compare", content=jpeg(), headers={"Content-Type": "image/jpeg"})
+        time.sleep(0.6)  # fpet's preprocessing has long finished
+        assert response.status_code == 500, response.text
+        assert fpet_batches == [] and state.batchers["fpet"].idle

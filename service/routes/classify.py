@@ -3,7 +3,6 @@ bundles) and /classify/compare."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import time
 
@@ -12,6 +11,7 @@ from fastapi import APIRouter, Query, Request
 from service.pipeline import (
     accounted,
     admitted,
+    all_or_none,
     batched,
     deadline_of,
     decoded,
@@ -104,7 +104,7 @@ async def compare(request: Request, state: StateDep, top_k: int = TOP_K, task: s
                                                               tickets[name], tasks[name].index)  # fmt: skip
                 return name, runner, result
 
-            done = await asyncio.gather(*(one(n) for n in state.runners))
+            done = await all_or_none([one(n) for n in state.runners])
         entries = {
             name: CompareEntry(
                 model_version=runner.manifest["version"], execution_provider=runner.provider,
