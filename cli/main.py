@@ -529,6 +529,7 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--deadline-ms", type=float, help="default 10000")
     p.add_argument("--max-bytes", type=int, help="default 8 MiB")
     p.add_argument("--max-pixels", type=int, help="default 40000000")
+    p.add_argument("--max-request-pixels", type=int, help="all of a request's decoded images (default 40000000)")
     p.add_argument("--max-images", type=int, help="default 16")
     p.add_argument("--api-key", help="require this key on the classify endpoints (FPET_API_KEY)")
     p.set_defaults(func=cmd_serve)

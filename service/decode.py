@@ -31,9 +31,10 @@ def sniff(data: bytes) -> str | None:
     return None
 
 
-def decode_image(data: bytes, max_pixels: int, size: int | None = None) -> Image.Image:
+def decode_image(data: bytes, max_pixels: int, size: int | None = None, pixels_left: int | None = None) -> Image.Image:
     """RGB pixels of a request's image; with `size`, a JPEG decodes straight to (at least) that scale, as training's
-    loader does through `fpet.imaging.resize_rgb`."""
+    loader does through `fpet.imaging.resize_rgb`. `pixels_left`: what the request may still decode, checked at the
+    size the image will decode to, before any pixel is."""
     if not data:
         raise ServiceError(400, "invalid_image", "the image is empty (0 bytes)")
     kind = sniff(data)
@@ -54,6 +55,9 @@ def decode_image(data: bytes, max_pixels: int, size: int | None = None) -> Image
                 )
             if size is not None:
                 draft(image, size)
+            if pixels_left is not None and image.width * image.height > pixels_left:
+                raise ServiceError(413, "payload_too_large", "the request's images decode to more pixels than one "
+                                   "request may (FPET_MAX_REQUEST_PIXELS); send fewer or smaller images")  # fmt: skip
             image.load()
             return to_rgb(image)
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):

@@ -25,11 +25,10 @@ LATENCY_BUCKETS = (0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 STAGES = ("decode", "preprocess", "queue", "inference", "postprocess")
 REASONS = ("invalid_image", "invalid_request", "unauthorized", "payload_too_large", "unsupported_media_type",
-           "validation_error", "overloaded", "not_ready", "shutting_down", "timeout", "internal_error")  # fmt: skip
+           "validation_error", "overloaded", "not_ready", "shutting_down", "timeout", "internal_error",
+           "cancelled")  # fmt: skip
 
-REQUESTS = Counter(
-    "fpet_requests", "Requests by status code (499: cancelled at shutdown, never answered)", ["model", "code"]
-)
+REQUESTS = Counter("fpet_requests", "Requests by status code (499: cancelled, never answered)", ["model", "code"])
 ERRORS = Counter("fpet_request_errors", "Requests answered with an error", ["model", "reason"])
 REQUEST_SECONDS = Histogram(
     "fpet_request_duration_seconds", "End-to-end request latency", ["model", "provider"], buckets=LATENCY_BUCKETS

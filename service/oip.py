@@ -11,6 +11,7 @@ import base64
 import binascii
 import json
 import math
+import re
 import struct
 from dataclasses import dataclass
 
@@ -55,12 +56,12 @@ def split_body(body: bytes, header_length: str | None) -> tuple[dict, bytes]:
     if header_length is None:
         head, tail = body, b""
     else:
-        if not header_length.isdigit() or int(header_length) > len(body):
-            raise bad(f"Inference-Header-Content-Length {header_length!r} does not fit a {len(body)}-byte body")
+        if not re.fullmatch(r"[0-9]{1,18}", header_length) or int(header_length) > len(body):
+            raise bad(f"Inference-Header-Content-Length {header_length[:40]!r} does not fit a {len(body)}-byte body")
         head, tail = body[: int(header_length)], body[int(header_length) :]
     try:
         payload = json.loads(head)
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # also integers past Python's digit limit, and deep nesting
         raise bad("the inference request is not valid JSON") from None
     if not isinstance(payload, dict):
         raise bad("the inference request must be a JSON object")
@@ -159,8 +160,8 @@ def read_pixels(tensor: dict, binary: bytes | None, img_size: int) -> np.ndarray
     else:
         try:
             values = np.asarray(flat_json(tensor.get("data"), what), dtype=np.float32)
-        except (TypeError, ValueError):
-            raise bad(f"{what}: JSON elements must be numbers") from None
+        except (TypeError, ValueError, OverflowError):
+            raise bad(f"{what}: JSON elements must be numbers within float32's range") from None
         if values.size != count:
             raise bad(f"{what} has shape {shape} but carries {values.size} elements")
     if not np.isfinite(values).all():
@@ -168,8 +169,16 @@ def read_pixels(tensor: dict, binary: bytes | None, img_size: int) -> np.ndarray
     return values.astype(np.float32).reshape(shape)
 
 
+def flag(given: dict, key: str, default: bool, what: str) -> bool:
+    """A JSON true or false: a string such as "false" is an error, not a true value."""
+    value = given.get(key, default)
+    if not isinstance(value, bool):
+        raise bad(f"{what}: `{key}` must be true or false, not {value!r}")
+    return value
+
+
 def read_outputs(payload: dict) -> list[Requested]:
-    binary_default = bool(parameters(payload, "the request").get("binary_data_output", False))
+    binary_default = flag(parameters(payload, "the request"), "binary_data_output", False, "the request")
     asked = payload.get("outputs")
     if asked is None:
         return [Requested(name, binary_default) for name in OUTPUTS]
@@ -184,7 +193,7 @@ def read_outputs(payload: dict) -> list[Requested]:
         k = given.get("classification", 0)
         if not isinstance(k, int) or isinstance(k, bool) or k < 0:
             raise bad(f"output {name!r}: `classification` must be a non-negative integer")
-        outputs.append(Requested(name, bool(given.get("binary_data", binary_default)), k))
+        outputs.append(Requested(name, flag(given, "binary_data", binary_default, f"output {name!r}"), k))
     return outputs
 
 

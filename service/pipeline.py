@@ -9,13 +9,17 @@ import binascii
 import contextlib
 import hmac
 import json
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import TypeVar
 
 import numpy as np
 from fastapi import Request
+from PIL import Image
 from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from service import metrics
 from service.batcher import Result, Ticket
@@ -85,17 +89,25 @@ async def admitted(request: Request, state: State, model: str) -> AsyncIterator[
         ticket.release()
 
 
+def is_byte_count(value: str) -> bool:
+    """ASCII digits, at most 18 of them: `str.isdigit` also takes "²", and Python's int() refuses 4,300 digits."""
+    return re.fullmatch(r"[0-9]{1,18}", value) is not None
+
+
 async def read_body(request: Request, settings: Settings) -> bytes:
     limit = settings.max_bytes
     declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
-        raise ServiceError(413, "payload_too_large", f"the body is {declared} bytes, over the limit of {limit}")
+    if declared and (not is_byte_count(declared) or int(declared) > limit):
+        raise ServiceError(413, "payload_too_large", f"the body is {declared[:40]} bytes, over the limit of {limit}")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise ServiceError(413, "payload_too_large", f"the body is over the limit of {limit} bytes")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise ServiceError(413, "payload_too_large", f"the body is over the limit of {limit} bytes")
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise ServiceError(499, "cancelled", "the client closed the connection before sending its body") from None
     body = b"".join(chunks)
     request._body = body  # lets request.form() parse what was already read within the limit
     return body
@@ -117,16 +129,21 @@ async def read_images(request: Request, settings: Settings) -> list[bytes]:
     if content_type in CONTENT_TYPES:
         return [body]
     if content_type == "multipart/form-data":
-        form = await request.form(max_files=1, max_fields=4)
+        try:
+            form = await request.form(max_files=1, max_fields=4)
+        except StarletteHTTPException as exc:  # Starlette's own 400 for a malformed multipart body
+            raise ServiceError(400, "invalid_request", f"the multipart body is invalid: {exc.detail}") from None
         upload = form.get("file")
         if upload is None or isinstance(upload, str):
             raise ServiceError(400, "invalid_request", "the multipart body has no `file` part")
         return [await upload.read()]
     if content_type == "application/json":
-        try:
-            payload = JsonRequest.model_validate(json.loads(body))
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        try:  # ValueError: bad JSON or UTF-8, an integer past Python's digit limit; RecursionError: deep nesting
+            data = json.loads(body)
+        except (ValueError, RecursionError):
             raise ServiceError(400, "invalid_request", "the body is not valid JSON") from None
+        try:
+            payload = JsonRequest.model_validate(data)
         except ValidationError as exc:
             raise ServiceError(422, "validation_error", str(exc.errors()[0]["msg"])) from None
         if payload.image_b64 is not None:
@@ -154,17 +171,24 @@ def deadline_of(request: Request, settings: Settings, start: float) -> float:
     return start + budget / 1000
 
 
-def decode_all(raw: list[bytes], settings: Settings, size: int) -> list:
-    """RGB images, decoded at (at least) `size`; runs in a worker thread."""
-    return [decode_image(data, settings.max_pixels, size) for data in raw]
+def each_decoded(raw: list[bytes], settings: Settings, size: int, deadline: float) -> Iterator[Image.Image]:
+    """A request's images as RGB, decoded at (at least) `size`, one at a time (so a request never holds more than one
+    at full size) and within the request's pixel budget; past the deadline no more is decoded. In a worker thread."""
+    left = settings.max_request_pixels
+    for data in raw:
+        if time.perf_counter() > deadline:
+            raise ServiceError(504, "timeout", "the request's deadline passed while its images were being decoded")
+        image = decode_image(data, settings.max_pixels, size, left)
+        left -= image.width * image.height
+        yield image
 
 
-async def decoded(request: Request, state: State, raw: list[bytes], size: int) -> list:
+async def decoded(request: Request, state: State, raw: list[bytes], size: int, deadline: float) -> list:
     """Decoded images, in the decode pool: as many requests decode at once as there are cores."""
 
     def work() -> list:
         t = time.perf_counter()
-        images = decode_all(raw, state.settings, size)
+        images = list(each_decoded(raw, state.settings, size, deadline))
         request.state.timing["decode"] = (time.perf_counter() - t) * 1000
         return images
 
@@ -189,16 +213,21 @@ async def all_or_none(coroutines: list[Awaitable[T]]) -> list[T]:
         raise
 
 
-async def prepared(request: Request, state: State, runner: ModelRunner, raw: list[bytes]) -> list[np.ndarray]:
-    """Encoded images as model inputs, exactly as in training: decoded and preprocessed in one worker-thread call."""
+async def prepared(
+    request: Request, state: State, runner: ModelRunner, raw: list[bytes], deadline: float
+) -> list[np.ndarray]:
+    """Encoded images as model inputs, exactly as in training: decoded and preprocessed in one worker-thread call,
+    each image shrunk to the model's input before the next is decoded."""
     timing = request.state.timing
 
     def work() -> list[np.ndarray]:
-        t = time.perf_counter()
-        images = decode_all(raw, state.settings, runner.img_size)
-        t2 = time.perf_counter()
-        arrays = [runner.preprocess(image) for image in images]
-        timing["decode"], timing["preprocess"] = (t2 - t) * 1000, (time.perf_counter() - t2) * 1000
+        arrays, preprocessing, start = [], 0.0, time.perf_counter()
+        for image in each_decoded(raw, state.settings, runner.img_size, deadline):
+            t = time.perf_counter()
+            arrays.append(runner.preprocess(image))
+            preprocessing += time.perf_counter() - t
+        decoding = time.perf_counter() - start - preprocessing
+        timing["decode"], timing["preprocess"] = decoding * 1000, preprocessing * 1000
         return arrays
 
     return await in_decode_pool(state, work)

@@ -38,6 +38,10 @@ class Settings(BaseSettings):
     deadline_ms: float = Field(10_000, gt=0, description="a request still queued after this is dropped with 504")
     max_bytes: int = Field(8 * 2**20, gt=0, description="largest request body")
     max_pixels: int = Field(40_000_000, gt=0, description="largest decoded image (decompression-bomb guard)")
+    max_request_pixels: int = Field(
+        40_000_000, gt=0, description="most decoded pixels of all of a request's images together (a JPEG counts at "
+        "the reduced size it decodes to): many small files that decode big cost no more than one large image",
+    )  # fmt: skip
     max_images: int = Field(16, ge=1, description="most images in one JSON request")
     api_key: SecretStr | None = Field(None, description="if set, classify endpoints need it (Bearer or X-API-Key)")
     drain_timeout_s: float = Field(30.0, gt=0, description="how long SIGTERM waits for queued requests")

@@ -43,8 +43,9 @@ class State:
 
     def runner(self, model: str) -> ModelRunner:
         if model not in self.runners:
-            served = ", ".join(self.runners) or "none yet"
-            raise ServiceError(404, "model_not_found", f"no model {model!r}; served: {served}")
+            if not self.runners:
+                self.check_serving()  # nothing loaded (still loading, or the load failed): 503 and why, not 404
+            raise ServiceError(404, "model_not_found", f"no model {model!r}; served: {', '.join(self.runners)}")
         return self.runners[model]
 
     def target(self, name: str) -> tuple[str, str | None]:

@@ -254,6 +254,11 @@ def test_not_ready_when_the_models_cannot_load(tmp_path):
         response = c.get("/readyz")
         check_error(response, 503, "not_ready")
         assert "not a model bundle" in response.json()["error"] and response.headers["retry-after"]
+        body = {"content": jpeg(), "headers": {"Content-Type": "image/jpeg"}}
+        for route in ("/classify", "/models/fpet/explain"):  # not a 404 "no model": nothing could load
+            check_error(c.post(route, **body), 503, "not_ready")
+        check_error(c.get("/v2/models/fpet/ready"), 503, "not_ready")
+        check_error(c.post("/v2/models/fpet/infer", json={"inputs": []}), 503, "not_ready")
 
 
 def test_cuda_is_used_when_there_or_its_absence_blocks_readiness(tiny_bundles):
@@ -406,7 +411,7 @@ def test_explain_refuses_at_once_when_busy(fresh_client):
     slots, state.explain_slots = state.explain_slots, asyncio.Semaphore(0)  # every slot taken
     try:
         response = client.post("/models/fpet/explain", content=jpeg(), headers={"Content-Type": "image/jpeg"})
-        check_error(response, 429, "too_many_requests")
+        check_error(response, 429, "overloaded")
         assert response.headers["retry-after"] == "1"
     finally:
         state.explain_slots = slots
@@ -481,3 +486,36 @@ def test_compare_leaves_no_work_behind_when_one_variant_fails(tiny_bundles):
         time.sleep(0.6)  # fpet's preprocessing has long finished
         assert response.status_code == 500, response.text
         assert fpet_batches == [] and state.batchers["fpet"].idle
+
+
+def test_bodies_that_break_the_parsers_are_400_and_counted_as_400(tiny_bundles):
+    code = 'fpet_requests_total{code="%s",model="fpet"}'
+    multiparts = (b"no boundary at all", b"--b\r\nContent-Disposition: form-data\r\n\r\nx\r\n--b--\r\n")
+    with TestClient(create_app(Settings(bundles=[str(tiny_bundles["fpet"])], providers="cpu"))) as c:
+        before = c.get("/metrics").text
+        for body in (b"[" * 100_000, b'{"image_b64": ' + b"1" * 5000 + b"}"):  # deep nesting; 5,000 digits
+            response = c.post("/classify", content=body, headers={"Content-Type": "application/json"})
+            check_error(response, 400, "invalid_request")
+        for body in multiparts:
+            response = c.post("/classify", content=body, headers={"Content-Type": "multipart/form-data"})
+            check_error(response, 400, "invalid_request")
+        after = c.get("/metrics").text
+    assert metric(after, code % "400") - metric(before, code % "400") == 4
+    assert metric(after, code % "500") == metric(before, code % "500")
+
+
+def test_a_request_decodes_at_most_its_pixel_budget_counting_jpegs_at_their_decode_size(tiny_bundles):
+    settings = Settings(bundles=[str(tiny_bundles["fpet"])], providers="cpu", max_request_pixels=100_000)
+    small_file_big_pixels = base64.b64encode(encode(Image.new("RGB", (200, 200), (9, 9, 9)), "PNG")).decode()
+    camera = base64.b64encode(encode(Image.new("RGB", (1000, 1000), (90, 9, 9)), "JPEG")).decode()
+    with TestClient(create_app(settings), raise_server_exceptions=False) as c:
+        two = c.post("/classify", json={"images": [{"b64": small_file_big_pixels}] * 2})
+        assert two.status_code == 200, two.text  # 80,000 pixels
+        three = c.post("/classify", json={"images": [{"b64": small_file_big_pixels}] * 3})
+        check_error(three, 413, "payload_too_large")  # 120,000: refused before the third is decoded
+        assert "FPET_MAX_REQUEST_PIXELS" in three.json()["error"]
+        jpegs = c.post("/classify", json={"images": [{"b64": camera}] * 3})  # 3 MP, but a JPEG decodes small
+        assert jpegs.status_code == 200, jpegs.text
+        late = c.post("/classify", json={"images": [{"b64": camera}] * 3}, headers={"X-Request-Timeout-Ms": "0.001"})
+        check_error(late, 504, "timeout")
+        assert "being decoded" in late.json()["error"]

@@ -198,6 +198,7 @@ def test_task_routes_errors_listing_and_metrics(client):
     meta = client.get("/models/fpet").json()
     assert meta["tasks"] == list(TASKS) and meta["classes"] == 5
     assert client.get("/v2/models/sizes").json()["outputs"][0]["shape"] == [-1, 5]
+    assert client.get("/v2/models/sizes/ready").json() == {"name": "sizes", "ready": True}  # as tritonclient asks
     compare = client.post("/classify/compare?task=colours", content=photo(1), headers=png).json()
     assert set(compare["models"]) == {"fpet", "backbone"}
     assert all(len(e["predictions"]) == 2 for e in compare["models"].values())

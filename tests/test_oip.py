@@ -227,6 +227,8 @@ def test_json_pixels_nested_or_flat_are_the_same():
          b"\0" * 8, "8 bytes of binary data"),
         ([{"name": "pixel_values", "shape": [2**62, 3, 4, 4], "datatype": "FP32", "data": [0.0]}], b"", "carries 1"),
         ([{"name": "image", "shape": "1", "datatype": "BYTES", "data": []}], b"", "shape"),
+        ([{"name": "pixel_values", "shape": [1, 3, 4, 4], "datatype": "FP32", "data": [10**400] * 48}], b"",
+         "float32's range"),
     ],
 )  # fmt: skip
 def test_malformed_requests_are_400_with_a_reason(inputs, tail, message):
@@ -244,6 +246,12 @@ def test_headers_outputs_and_ids_are_checked():
         (*request(ok, outputs=[{"name": "logits", "parameters": {"classification": -1}}]), "non-negative"),
         (*request(ok, id=7), "`id` must be a string"),
         (json.dumps({"inputs": ok}).encode() + b"tail", str(len(json.dumps({"inputs": ok}))), "no input declares"),
+        (b'{"inputs": []}', "\u00b2", "does not fit"),  # "²" passes str.isdigit, not int()
+        (b'{"inputs": []}', "9" * 5000, "does not fit"),
+        (b"[" * 100_000, None, "not valid JSON"),  # deep nesting: RecursionError inside json
+        (b'{"x": ' + b"1" * 5000 + b"}", None, "not valid JSON"),  # past Python's integer digit limit
+        (*request(ok, outputs=[{"name": "logits", "parameters": {"binary_data": "false"}}]), "true or false"),
+        (*request(ok, parameters={"binary_data_output": 1}), "true or false"),
     ]:
         with pytest.raises(ServiceError, match=message):
             oip.parse_request(body, length, img_size=4)

@@ -183,3 +183,20 @@ def test_http_benchmark_counts_errors_by_status(server, tmp_path):
     broken.write_bytes(b"\x89PNG\r\n\x1a\n" + b"truncated")
     [row] = bench_http(server, [broken], [1], 1.0, ["fpet"], client="wrk")
     assert row["ok"] == 0 and row["errors"] == {"400": row["requests"]} and row["requests"] > 0
+
+
+def test_a_client_that_leaves_mid_body_counts_as_499_not_as_a_server_error(server):
+    code = 'fpet_requests_total{code="%s",model="fpet"}'
+    before = httpx.get(f"{server}/metrics").text
+    host, port = server.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
+                     b"Content-Length: 100000\r\n\r\n" + b"\xff" * 1000)  # fmt: skip
+        time.sleep(0.3)  # admitted and reading
+    for _ in range(50):
+        after = httpx.get(f"{server}/metrics").text
+        if metric_value(after, code % "499") > metric_value(before, code % "499"):
+            break
+        time.sleep(0.1)
+    assert metric_value(after, code % "499") - metric_value(before, code % "499") == 1
+    assert metric_value(after, code % "500") == metric_value(before, code % "500")

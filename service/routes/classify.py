@@ -38,7 +38,8 @@ async def classify_with(
     task = runner.task(task_name)
     with accounted(model, runner.provider, start, task.name):
         async with admitted(request, state, model) as ticket:
-            arrays = await prepared(request, state, runner, await read_images(request, state.settings))
+            raw = await read_images(request, state.settings)
+            arrays = await prepared(request, state, runner, raw, deadline_of(request, state.settings, start))
             results = await batched(request, state, model, arrays, start, ticket, task)
         t = time.perf_counter()
         per_image = [top_predictions(r.logits, task.labels, top_k) for r in results]
@@ -95,7 +96,7 @@ async def compare(request: Request, state: StateDep, top_k: int = TOP_K, task: s
             tickets = {name: await stack.enter_async_context(admitted(request, state, name)) for name in state.runners}
             raw = await read_images(request, state.settings)
             size = max(r.img_size for r in state.runners.values())
-            image = (await decoded(request, state, raw[:1], size))[0]
+            image = (await decoded(request, state, raw[:1], size, deadline_of(request, state.settings, start)))[0]
 
             async def one(name: str):
                 runner = state.runners[name]

@@ -17,7 +17,7 @@ from fastapi.responses import Response
 from fpet import mergemap
 from fpet.imaging import normalize, resize_rgb
 from service.errors import ServiceError
-from service.pipeline import accounted, check_key, decoded, read_images, top_predictions
+from service.pipeline import accounted, check_key, deadline_of, decoded, read_images, top_predictions
 from service.runtime import ModelRunner, Task
 from service.schemas import ERRORS, IMAGE_BODY, ExplainResponse, MergePoint
 from service.state import State, StateDep
@@ -50,7 +50,7 @@ def wants_png(request: Request, format_: str | None) -> bool:
 async def acquire(state: State) -> None:
     """A free explain slot now, or a 429: explaining is for people looking at images, not for load."""
     if state.explain_slots.locked():
-        raise ServiceError(429, "too_many_requests", "an explanation is being computed; try again shortly",
+        raise ServiceError(429, "overloaded", "an explanation is being computed; try again shortly",
                            {"Retry-After": "1"})  # fmt: skip
     await state.explain_slots.acquire()
 
@@ -83,7 +83,7 @@ async def explain(
         raw = await read_images(request, state.settings)  # before a slot: a slow upload holds none
         if len(raw) != 1:
             raise ServiceError(400, "invalid_request", f"explain takes one image; this request has {len(raw)}")
-        (image,) = await decoded(request, state, raw, runner.img_size)
+        (image,) = await decoded(request, state, raw, runner.img_size, deadline_of(request, state.settings, start))
         await acquire(state)
         try:
             t = time.perf_counter()

@@ -29,7 +29,8 @@ async def readyz(state: StateDep) -> dict:
 @router.get("/v2/models/{model}/ready", tags=["models"], summary="Model readiness (OIP v2)",
             responses={404: {"model": ErrorBody}, 503: {"model": ErrorBody}})  # fmt: skip
 async def model_ready(state: StateDep, model: str) -> dict:
-    state.runner(model)
+    """A multi-task model's tasks are OIP models of their own (as for inference)."""
+    state.runner(state.target(model)[0])
     state.check_serving()
     return {"name": model, "ready": True}
 

@@ -11,7 +11,7 @@ from fastapi.responses import Response
 import fpet
 from service import oip
 from service.errors import ServiceError
-from service.pipeline import accounted, admitted, batched, finished, prepared, read_body
+from service.pipeline import accounted, admitted, batched, deadline_of, finished, prepared, read_body
 from service.schemas import OIP_BODY, OIP_RESPONSES
 from service.state import State, StateDep
 
@@ -38,7 +38,7 @@ async def infer_with(request: Request, state: State, name: str, version: str | N
                 many = f"{parsed.count} images, over the limit of {settings.max_images}"
                 raise ServiceError(413, "payload_too_large", many)
             if parsed.images is not None:
-                arrays = await prepared(request, state, runner, parsed.images)
+                arrays = await prepared(request, state, runner, parsed.images, deadline_of(request, settings, start))
             else:
                 arrays = list(parsed.pixels.astype(runner.dtype))
             results = await batched(request, state, model, arrays, start, ticket, task)
