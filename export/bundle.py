@@ -20,14 +20,20 @@ PRECISIONS = ("fp32", "fp16", "int8")
 
 
 def is_bundle(path: Path) -> bool:
-    return (path / MANIFEST).is_file()
+    """A folder export wrote: its manifest names a bundle format. A `manifest.json` alone could be anyone's (a web
+    app's), and export and pull replace bundles whole."""
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and "bundle_format" in manifest
 
 
 def read_manifest(bundle_dir: str | Path) -> dict:
     """The manifest of a bundle, refusing folders that are not bundles or come from a newer fpet."""
     bundle_dir = Path(bundle_dir)
     if not is_bundle(bundle_dir):
-        raise FpetError(f"{bundle_dir} is not a model bundle (no {MANIFEST})")
+        raise FpetError(f"{bundle_dir} is not a model bundle (no {MANIFEST} with a bundle format)")
     manifest = json.loads((bundle_dir / MANIFEST).read_text())
     version = manifest.get("bundle_format")
     if not isinstance(version, int) or version > MULTITASK_BUNDLE_FORMAT:

@@ -18,7 +18,7 @@ import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
-from export.bundle import MANIFEST, read_manifest
+from export.bundle import MANIFEST, is_bundle, read_manifest
 from fpet.errors import FpetError
 
 ARCHIVES = (".tar.gz", ".tgz", ".tar", ".zip")
@@ -110,6 +110,9 @@ def pull_bundles(
             raise FpetError(f"{uri} holds several bundles named alike: {sorted(names)}")
         for bundle in bundles:
             read_manifest(bundle)  # refuses incomplete bundles and newer formats before anything is placed
+            target = dest / bundle.name
+            if target.exists() and not (target.is_dir() and is_bundle(target)):
+                raise FpetError(f"{target} exists and is not a bundle: refusing to replace it")
         placed = []
         for bundle in bundles:
             target = dest / bundle.name

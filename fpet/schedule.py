@@ -79,7 +79,7 @@ def _parse_amount(text: str, item: str) -> float | int:
 
 
 def _parse_block(text: str, item: str) -> int:
-    if not text.isdigit():
+    if not (text.isascii() and text.isdigit()):  # isdigit alone takes "²", which int() refuses
         raise FpetError(f"schedule item {item!r}: block {text!r} is not a non-negative integer")
     return int(text)
 

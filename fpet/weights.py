@@ -40,9 +40,13 @@ def tensors_sha256(tensors: dict[str, Tensor]) -> str:
 
 
 def _load_safetensors(path: Path) -> dict[str, Tensor]:
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    return load_file(str(path))
+    try:
+        return load_file(str(path))
+    except SafetensorError as exc:
+        raise FpetError(f"{path} is not a readable safetensors file (damaged or truncated?): {exc}") from None
 
 
 def _load_pth(path: Path) -> dict[str, Tensor]:

@@ -7,6 +7,7 @@ from PIL import Image
 
 from fpet.errors import FpetError
 from fpet.imaging import to_rgb
+from tests.test_decode import png_bomb
 from tests.training_helpers import make_image_folder
 from training.data import (
     FASHION_MNIST_CLASSES,
@@ -52,6 +53,12 @@ def test_vtab_lists(tmp_path):
     (tmp_path / "test.txt").write_text("no-label-here\n")
     with pytest.raises(FpetError, match="expected 'relative/path label'"):
         open_split(tmp_path, "test", classes=train.classes)
+    (tmp_path / "train800val200.txt").write_text("\n".join([*lines, "images/class_0/000.png 99999999"]) + "\n")
+    with pytest.raises(FpetError, match="label 99999999 is larger than the 7 images listed allow"):
+        open_split(tmp_path, "train")  # not a list of 10^8 classes built in memory
+    (tmp_path / "train800val200.txt").unlink()
+    with pytest.raises(FpetError, match=r"has no train800val200\.txt: not a VTAB folder"):
+        open_split(tmp_path, "train", fmt="vtab")
 
 
 def write_idx(path, array):
@@ -69,6 +76,9 @@ def test_idx_files_any_folder(tmp_path):
     assert (data.pixels[:, 0] == data.pixels[:, 1]).all()  # grey made RGB
     (tmp_path / "train-images-idx3-ubyte.gz").write_bytes(gzip.compress(bytes([0, 0, 8, 3]) + (9).to_bytes(4, "big")))
     with pytest.raises(FpetError):
+        open_split(tmp_path, "train")
+    (tmp_path / "train-images-idx3-ubyte.gz").write_bytes(gzip.compress(np.arange(4000).tobytes())[:100])  # cut short
+    with pytest.raises(FpetError, match="is damaged"):
         open_split(tmp_path, "train")
 
 
@@ -99,9 +109,10 @@ def test_bad_folders(tmp_path):
 def test_unreadable_images_are_skipped_and_counted_or_refused(tmp_path):
     make_image_folder(tmp_path, per_class=3)
     (tmp_path / "class_1" / "broken.png").write_bytes(b"\x89PNG not really")
+    (tmp_path / "class_2" / "bomb.png").write_bytes(png_bomb(30_000, 30_000))  # Pillow's DecompressionBombError
     source = open_split(tmp_path, "train")
     data = source.decode(range(len(source)), PRE)
-    assert len(data) == 9 and data.skipped == 1
+    assert len(data) == 9 and data.skipped == 2
     with pytest.raises(FpetError, match=r"cannot read image .*broken\.png"):
         source.decode(range(len(source)), PRE, strict=True)
 

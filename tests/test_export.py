@@ -124,11 +124,16 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
     (tmp_path / "notabundle").mkdir()
     (tmp_path / "notabundle" / "precious.txt").write_text("keep me")
     cases.append(([str(run), "--out", str(tmp_path / "notabundle")], "is not a bundle: refusing"))
+    (tmp_path / "webapp" / "src").mkdir(parents=True)  # a manifest.json alone does not make a bundle
+    (tmp_path / "webapp" / "manifest.json").write_text('{"name": "my web app"}')
+    (tmp_path / "webapp" / "src" / "important.py").write_text("keep me")
+    cases.append(([str(run), "--out", str(tmp_path / "webapp")], "is not a bundle: refusing"))
     for args, message in cases:
         done = run_cli(*args)
         assert done.returncode == 1, args
         assert done.stderr.strip().splitlines()[-1].startswith("fpet: error:") and message in done.stderr, done.stderr
     assert (tmp_path / "notabundle" / "precious.txt").read_text() == "keep me"
+    assert (tmp_path / "webapp" / "src" / "important.py").read_text() == "keep me"
     assert not (tmp_path / "b").exists()
     config = json.loads((run / "config.json").read_text())
     config["format_version"] = 7
@@ -246,3 +251,15 @@ def test_near_ties_do_not_count_against_top1_agreement():
     flipped = np.array([[1.1, 1.2, 0.0], [1.0, 1.1, 0.0]])  # every logit within 0.2, yet the answer changed
     result = compare(decided, flipped, "fp16")
     assert result["max_abs_error"] <= 0.25 and result["top1_agreement"] == 0.0 and not result["passed"]
+
+
+def test_a_graph_with_its_classes_swapped_fails_even_when_every_image_is_a_near_tie():
+    """int8 allows 2.0 of logit error, more than a weak model's whole spread: ties alone must not pass it."""
+    from export.verify import compare
+
+    reference = np.random.default_rng(0).uniform(-0.5, 0.5, (16, 5))
+    swapped = reference[:, ::-1]
+    result = compare(reference, swapped, "int8")
+    assert result["near_ties"] == 16 and result["max_abs_error"] <= 2.0
+    assert result["top1_agreement"] < 0.9 and not result["passed"]
+    assert compare(reference, reference + 0.3, "int8")["passed"]

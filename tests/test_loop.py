@@ -117,6 +117,12 @@ def test_checksum_mismatch_and_newer_formats_are_refused(data, tmp_path):
         ({"weights": "random", "backbone": None}, "--backbone is needed"),
         ({"train_size": 100}, "only 36"),
         ({"epochs": 0}, "at least 1"),
+        ({"scale": float("nan")}, "--scale must be a finite number"),
+        ({"min_lr": float("nan")}, "--min-lr must be a finite number"),
+        ({"eval_batch_size": -1}, "--eval-batch-size must be at least 1"),
+        ({"train_size": -5}, "--train-size must not be negative"),
+        ({"lr": -1.0}, "--lr must be positive"),
+        ({"drop_path": 1.5}, "--drop-path is a probability"),
     ],
 )
 def test_bad_settings_fail_before_training_and_write_nothing(data, tmp_path, overrides, message):
@@ -199,3 +205,62 @@ def test_a_probe_head_classifies_before_any_fine_tuning(data, tmp_path):
     assert config["train"]["head_init"] == "probe"
     with pytest.raises(FpetError, match="--head-init"):
         train(tiny_config(data, tmp_path / "bad", head_init="lp"), log=lambda _: None)
+
+
+def test_resume_refuses_other_weights_under_the_same_file_name(data, tmp_path):
+    from safetensors.torch import save_file
+
+    from fpet.vit import create_model
+
+    weights = tmp_path / "w.safetensors"
+    torch.manual_seed(0)
+    save_file(create_model("vit_tiny_patch16_224", num_classes=0, img_size=32).state_dict(), weights)
+
+    def interrupt_after_epoch_1(message: str) -> None:
+        if message.startswith("epoch 1/3:"):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_config(data, tmp_path / "cut", weights=str(weights)), log=interrupt_after_epoch_1)
+    torch.manual_seed(1)
+    save_file(create_model("vit_tiny_patch16_224", num_classes=0, img_size=32).state_dict(), weights)
+    with pytest.raises(FpetError, match=r"different settings \(backbone weights"):
+        train(tiny_config(data, tmp_path / "cut", weights=str(weights), resume=True), log=lambda _: None)
+
+
+def test_a_class_with_no_readable_image_is_refused_before_training(tmp_path):
+    make_image_folder(tmp_path / "data", per_class=6)
+    for image in (tmp_path / "data" / "class_1").iterdir():
+        image.write_bytes(b"not an image")
+    with pytest.raises(FpetError, match="no readable training images of class class_1"):
+        train(tiny_config(tmp_path / "data", tmp_path / "run", train_size=12, val_size=6), log=lambda _: None)
+    assert not (tmp_path / "run").exists()
+
+
+def test_damaged_run_files_are_one_line_errors(data, tmp_path):
+    def interrupt_after_epoch_1(message: str) -> None:
+        if message.startswith("epoch 1/3:"):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_config(data, tmp_path / "cut"), log=interrupt_after_epoch_1)
+    resume = tmp_path / "cut" / "resume.pt"
+    resume.write_bytes(resume.read_bytes()[:100])
+    with pytest.raises(FpetError, match="damaged and cannot be resumed"):
+        train(tiny_config(data, tmp_path / "cut", resume=True), log=lambda _: None)
+    train(tiny_config(data, tmp_path / "run", epochs=1), log=lambda _: None)
+    adapters = tmp_path / "run" / "adapters.safetensors"
+    adapters.write_bytes(adapters.read_bytes()[:50])
+    with pytest.raises(FpetError, match=r"adapters\.safetensors is damaged"):
+        checkpoint.load_run(tmp_path / "run")
+    (tmp_path / "run" / "config.json").write_text("{not json")
+    with pytest.raises(FpetError, match=r"config\.json is damaged"):
+        checkpoint.load_run(tmp_path / "run")
+
+
+def test_an_out_that_cannot_be_a_folder_fails_before_training(data, tmp_path):
+    (tmp_path / "afile").write_text("x")
+    for out in (tmp_path / "afile", tmp_path / "afile" / "run"):
+        with pytest.raises(FpetError, match="afile is not a folder"):
+            train(tiny_config(data, out), log=lambda _: None)
+    assert (tmp_path / "afile").read_text() == "x"

@@ -89,6 +89,17 @@ def test_an_incomplete_bundle_places_nothing(tiny_bundles, tmp_path):
     assert list(dest.iterdir()) == []
 
 
+def test_what_is_in_the_way_and_not_a_bundle_is_refused_and_kept(tiny_bundles, tmp_path):
+    dest = tmp_path / "models"
+    (dest / "fpet").mkdir(parents=True)
+    (dest / "fpet" / "manifest.json").write_text('{"name": "my web app"}')
+    (dest / "backbone").write_text("a file")
+    with pytest.raises(FpetError, match="is not a bundle: refusing"):
+        pull_bundles(str(tiny_bundles["fpet"].parent), dest, log=lambda _: None)
+    assert (dest / "fpet" / "manifest.json").read_text() == '{"name": "my web app"}'
+    assert (dest / "backbone").read_text() == "a file"
+
+
 def tar_with(tmp_path: Path, member: str) -> Path:
     path = tmp_path / "evil.tar"
     with tarfile.open(path, "w") as tar:

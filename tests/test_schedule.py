@@ -36,6 +36,7 @@ def test_parse(spec, points):
         ("6", "malformed"),
         ("6:0.5:1", "malformed"),
         ("x:0.5", "not a non-negative integer"),
+        ("\u00b2:0.5", "not a non-negative integer"),  # "²" passes str.isdigit, not int()
         ("6:0.7", r"fraction must lie in \(0, 0.5\]"),
         ("6:abc", "neither a fraction"),
         ("6:0", "at least 1"),

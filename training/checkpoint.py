@@ -11,6 +11,7 @@ import platform
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from fpet.atomic import write_atomic, write_json_atomic
@@ -114,8 +115,11 @@ def read_config(run_dir: str | Path) -> dict:
     missing = [name for name in (ADAPTERS, CONFIG) if not (run_dir / name).is_file()]
     if missing:
         raise FpetError(f"{run_dir} is not a complete run folder: missing {', '.join(missing)}")
-    config = json.loads((run_dir / CONFIG).read_text())
-    version = config.get("format_version")
+    try:
+        config = json.loads((run_dir / CONFIG).read_text())
+    except ValueError as exc:
+        raise FpetError(f"{run_dir / CONFIG} is damaged (not JSON: {exc})") from None
+    version = config.get("format_version") if isinstance(config, dict) else None
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise FpetError(
             f"{run_dir} has run format {version!r}; this fpet reads up to {FORMAT_VERSION}: upgrade fpet to load it"
@@ -146,7 +150,10 @@ def load_run(
     model = build_model(config)
     if tensors is not None:
         load_backbone(model, tensors)
-    tensors = load_file(str(run_dir / ADAPTERS))
+    try:
+        tensors = load_file(str(run_dir / ADAPTERS))
+    except SafetensorError as exc:
+        raise FpetError(f"{run_dir / ADAPTERS} is damaged (not readable safetensors: {exc})") from None
     if schedule is not None:
         wanted = {name for name, p in model.named_parameters() if p.requires_grad}
         tensors = {k: v for k, v in tensors.items() if k in wanted or ".merger." not in k}
@@ -162,7 +169,10 @@ def load_resume(run_dir: Path) -> dict:
     path = run_dir / RESUME
     if not path.is_file():
         raise FpetError(f"nothing to resume: {path} does not exist")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a truncated or foreign file: torch's errors run to many lines
+        raise FpetError(f"{path} is damaged and cannot be resumed from: {exc}".splitlines()[0]) from None
 
 
 def _unwrap(model: torch.nn.Module) -> VisionTransformer:

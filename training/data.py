@@ -9,6 +9,7 @@ from __future__ import annotations
 import gzip
 import logging
 import math
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -105,7 +106,7 @@ class Source:
                 with self.open_image(i) as image:
                     pixels.append(pre.resize_image(image))
                 kept.append(self.labels[i])
-            except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+            except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError) as exc:
                 if strict:
                     raise FpetError(f"cannot read image {self.names[i]}: {exc}") from None
                 log.warning("skipping unreadable image %s (%s)", self.names[i], exc)
@@ -118,7 +119,10 @@ class Source:
 def _read_idx(folder: Path, stem: str) -> np.ndarray:
     for path in (folder / f"{stem}.gz", folder / stem):
         if path.exists():
-            raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+            try:
+                raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+            except (OSError, EOFError) as exc:  # gzip.BadGzipFile is an OSError
+                raise FpetError(f"{path} is damaged: {exc}") from None
             break
     else:
         raise FpetError(f"{folder} lacks {stem}(.gz): not a Fashion-MNIST folder")
@@ -173,12 +177,14 @@ def _vtab_list(root: Path, listing: Path, num_classes: int | None) -> Source:
         if not line.strip():
             continue
         parts = line.rsplit(maxsplit=1)
-        if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
+        if len(parts) != 2 or not re.fullmatch(r"-?[0-9]{1,9}", parts[1]):
             raise FpetError(f"{listing}:{n}: expected 'relative/path label', got {line!r}")
         paths.append(root / parts[0])
         labels.append(int(parts[1]))
     if not paths:
         raise FpetError(f"{listing} lists no images")
+    if num_classes is None and max(labels) >= len(labels):  # labels are 0..C-1: a class per image at most
+        raise FpetError(f"{listing}: label {max(labels)} is larger than the {len(labels)} images listed allow")
     top = num_classes if num_classes is not None else max(labels) + 1
     bad = [lab for lab in labels if not 0 <= lab < top]
     if bad:
@@ -262,6 +268,8 @@ def _open_split(root: str | Path, split: str, fmt: str, classes: list[str] | Non
     if fmt == "vtab":
         listing = root / ("train800val200.txt" if split == "train" else "test.txt")
         if not listing.exists():
+            if split == "train":
+                raise FpetError(f"{root} has no {listing.name}: not a VTAB folder")
             return None
         return _vtab_list(root, listing, None if classes is None else len(classes))
     if fmt == "folder":

@@ -153,6 +153,42 @@ def _run_config(cfg: TrainConfig, arch: str, sha: str | None, pet: PetConfig, pr
     }
 
 
+def check_settings(cfg: TrainConfig) -> None:
+    """Numbers that would train a broken model (NaN, negative sizes, no evaluation) are refused before any work."""
+    at_least_one = {"--epochs": cfg.epochs, "--batch-size": cfg.batch_size, "--eval-every": cfg.eval_every,
+                    "--eval-batch-size": cfg.eval_batch_size}  # fmt: skip
+    not_negative = {"--train-size": cfg.train_size, "--val-size": cfg.val_size, "--warmup-lr": cfg.warmup_lr,
+                    "--warmup-epochs": cfg.warmup_epochs, "--min-lr": cfg.min_lr,
+                    "--weight-decay": cfg.weight_decay}  # fmt: skip
+    numbers = {**at_least_one, **not_negative, "--lr": cfg.lr, "--scale": cfg.scale, "--drop-path": cfg.drop_path}
+    for flag, value in numbers.items():
+        if not math.isfinite(value):
+            raise FpetError(f"{flag} must be a finite number, not {value}")
+    for flag, value in at_least_one.items():
+        if value < 1:
+            raise FpetError(f"{flag} must be at least 1, not {value}")
+    for flag, value in not_negative.items():
+        if value < 0:
+            raise FpetError(f"{flag} must not be negative, not {value}")
+    if cfg.lr <= 0:
+        raise FpetError(f"--lr must be positive, not {cfg.lr}")
+    if not 0 <= cfg.drop_path < 1:
+        raise FpetError(f"--drop-path is a probability below 1, not {cfg.drop_path}")
+    if cfg.head_init not in ("random", "probe"):
+        raise FpetError(f"unknown --head-init {cfg.head_init!r}; choose random or probe")
+
+
+def check_writable(out: Path) -> None:
+    """Now, not at the first checkpoint an epoch later; nothing is created until training has started."""
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise FpetError(f"cannot write the run to --out {out}: {existing} is not a folder")
+    if not os.access(existing, os.W_OK):
+        raise FpetError(f"cannot write the run to --out {out}: {existing} is not writable")
+
+
 def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
     """Train one run into `cfg.out`; returns its metrics. Every input is checked before the first step."""
     device = pick_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
@@ -164,17 +200,16 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
     out = Path(cfg.out)
     if not cfg.resume and any((out / name).exists() for name in (checkpoint.CONFIG, checkpoint.RESUME)):
         raise FpetError(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
-    if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.eval_every < 1:
-        raise FpetError("--epochs, --batch-size and --eval-every must be at least 1")
-    if cfg.head_init not in ("random", "probe"):
-        raise FpetError(f"unknown --head-init {cfg.head_init!r}; choose random or probe")
+    check_settings(cfg)
+    check_writable(out)
     weights_file = checkpoint.resolve_weights(cfg.weights)
 
     rank, world = setup_distributed(device)
     say = log if rank == 0 else (lambda _msg: None)
     groups = [(name, list(members)) for name, members in cfg.label_groups]
     pool = open_split(cfg.data, "train", fmt=cfg.data_format, groups=groups)
-    assert pool is not None
+    if pool is None:
+        raise FpetError(f"{cfg.data} has no training images")
     if len(pool.classes) < 2:
         raise FpetError(f"{cfg.data} has {len(pool.classes)} class; classification needs at least 2")
     test_source = None
@@ -184,6 +219,9 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
     say(f"decoding {len(train_idx)} train and {len(val_idx)} val images from {cfg.data} at {cfg.img_size} px ...")
     train_set = pool.decode(train_idx, pre, cfg.strict)
     val_set = pool.decode(val_idx, pre, cfg.strict) if val_idx else None
+    empty = [name for i, name in enumerate(pool.classes) if not bool((train_set.labels == i).any())]
+    if empty:
+        raise FpetError(f"no readable training images of class {', '.join(empty)}: every class needs some")
     skipped = train_set.skipped + (val_set.skipped if val_set else 0)
     say(
         f"{len(train_set)} train, {len(val_set) if val_set else 0} val images, {len(pool.classes)} classes"
@@ -209,6 +247,8 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
     if cfg.resume:
         state = checkpoint.load_resume(out)
         changed = sorted(k for k, v in state["config"].items() if k not in RESUMABLE and cfg.to_dict().get(k) != v)
+        if state.get("weights_sha256", digest) != digest:  # the same file name may hold other weights now
+            changed.append("backbone weights (their tensors' sha256)")
         if changed:
             raise FpetError(f"{out} was started with different settings ({', '.join(changed)}): cannot resume it")
         load_trainable_state_dict(model, state["trainable"])
@@ -280,6 +320,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
                 "history": history,
                 "best": best,
                 "rng": torch.get_rng_state(),
+                "weights_sha256": digest,
             }
             checkpoint.save_resume(out, resume_state)
         remaining = (cfg.epochs - epoch - 1) * seconds
