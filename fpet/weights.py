@@ -70,7 +70,10 @@ def _load_npz(path: Path) -> dict[str, Tensor]:
             arrays = {k: npz[k] for k in npz.files}
     except ValueError as exc:
         raise FpetError(f"{path} is not a plain .npz of arrays: {exc}") from None
-    return convert_google_npz(arrays)
+    try:
+        return convert_google_npz(arrays)
+    except KeyError as exc:
+        raise FpetError(f"{path} is not a complete Google ViT checkpoint: it lacks {exc}") from None
 
 
 def _t(a: np.ndarray) -> Tensor:

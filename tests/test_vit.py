@@ -138,6 +138,11 @@ def test_google_npz_converts_to_the_same_weights(tmp_path, images):
         torch.testing.assert_close(fresh(images), model(images), atol=1e-6, rtol=1e-6)
     with pytest.raises(FpetError, match="not a Google ViT"):
         convert_google_npz({"foo": np.zeros(1)})
+    partial = to_google_npz(model.state_dict(), TINY.num_heads)
+    del partial["cls"]
+    np.savez(tmp_path / "partial.npz", **partial)
+    with pytest.raises(FpetError, match="not a complete Google ViT checkpoint: it lacks 'cls'"):
+        read_state_dict(tmp_path / "partial.npz")
 
 
 def test_foreign_position_grid_is_resampled_and_head_dropped():
