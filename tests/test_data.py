@@ -177,6 +177,8 @@ def test_label_groups_make_a_new_task_from_the_same_images(tmp_path):
         open_split(tmp_path / "data", "train", groups=[("x", ["class_9"])])
     with pytest.raises(FpetError, match="in two label groups"):
         regroup(source, [("x", ["warm"]), ("y", ["warm"])])
+    with pytest.raises(FpetError, match="label group 'a' is given twice"):
+        open_split(tmp_path / "data", "train", groups=[("a", ["class_0"]), ("a", ["class_1"])])
     assert parse_label_group("footwear=Sandal, Ankle boot") == ("footwear", ["Sandal", "Ankle boot"])
     with pytest.raises(FpetError, match="NAME=CLASS"):
         parse_label_group("footwear")

@@ -220,6 +220,10 @@ def label_groups(config: dict) -> LabelGroups:
 def regroup(source: Source, groups: LabelGroups) -> Source:
     """The same images under a new label set: each group is a new class made of the dataset's classes, and images
     of classes in no group are left out. One dataset thus gives several tasks (e.g. coarse categories)."""
+    names = [name for name, _ in groups]
+    if len(set(names)) != len(names):
+        twice = sorted({n for n in names if names.count(n) > 1})
+        raise FpetError(f"label group {twice[0]!r} is given twice: each group is one class, join its members")
     target = {}
     for label, (name, members) in enumerate(groups):
         for member in members:

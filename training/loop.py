@@ -27,8 +27,9 @@ from training import checkpoint
 from training.config import TrainConfig
 from training.data import ImageSet, Preprocessing, open_split, split_train_val
 
-# Settings that may differ when a run is resumed; anything else must match the interrupted run.
-RESUMABLE = {"resume", "epochs", "device", "eval_every", "eval_batch_size"}
+# Settings that may differ when a run is resumed; anything else must match the interrupted run. `out` is where the
+# interrupted run was found (it may have been moved there); `data` is compared as the folder it names.
+RESUMABLE = {"resume", "epochs", "device", "eval_every", "eval_batch_size", "out"}
 
 
 def wilson_interval(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -246,7 +247,9 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
     start_epoch = 0
     if cfg.resume:
         state = checkpoint.load_resume(out)
-        changed = sorted(k for k, v in state["config"].items() if k not in RESUMABLE and cfg.to_dict().get(k) != v)
+        now = {**cfg.to_dict(), "data": str(Path(cfg.data).expanduser().resolve())}
+        before = {**state["config"], "data": str(Path(state["config"]["data"]).expanduser().resolve())}
+        changed = sorted(k for k, v in before.items() if k not in RESUMABLE and now.get(k) != v)
         if state.get("weights_sha256", digest) != digest:  # the same file name may hold other weights now
             changed.append("backbone weights (their tensors' sha256)")
         if changed:
