@@ -13,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import math
+import re
 import shutil
 import statistics
 import subprocess
@@ -181,20 +183,33 @@ def run_hey(case: Case, concurrency: int, seconds: float, folder: Path) -> dict:
     body.write_bytes(case.bodies[0])  # hey sends one body
     headers = [arg for k, v in case.headers.items() if k != "Content-Type" for arg in ("-H", f"{k}: {v}")]
     cmd = ["hey", "-z", f"{max(1, round(seconds))}s", "-c", str(concurrency), "-m", "POST", "-T",
-           case.headers["Content-Type"], *headers, "-D", str(body), "-t", "30", "-o", "csv", case.url]  # fmt: skip
+           case.headers["Content-Type"], *headers, "-D", str(body), "-t", "30", case.url]  # fmt: skip
     start = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True)
     elapsed = time.perf_counter() - start
     if done.returncode != 0:
         raise FpetError(f"hey failed: {done.stderr.strip()[-300:]}")
-    rows = [line.split(",") for line in done.stdout.splitlines()[1:] if line.count(",") >= 7]
+    return {**parse_hey(done.stdout), "seconds": elapsed}
+
+
+def parse_hey(text: str) -> dict:
+    """hey's summary, not its CSV: the CSV lists only the requests that got an answer, so refused connections and
+    timeouts would vanish from the error count. Socket errors are named as wrk names them."""
     statuses: dict[str, int] = {}
-    for row in rows:
-        statuses[row[6]] = statuses.get(row[6], 0) + 1
-    ms = [1000 * float(row[0]) for row in rows]
+    for code, n in re.findall(r"^\s*\[(\d{3})\]\s+(\d+) responses", text, re.M):
+        statuses[code] = statuses.get(code, 0) + int(n)
     errors = {k: v for k, v in statuses.items() if k != "200"}
-    return {"requests": len(rows), "ok": statuses.get("200", 0), "errors": errors, "seconds": elapsed,
-            "p50_ms": percentile(ms, 50), "p95_ms": percentile(ms, 95), "p99_ms": percentile(ms, 99)}  # fmt: skip
+    errors_at = text.find("Error distribution:")
+    for n, message in re.findall(r"^\s*\[(\d+)\]\s+(.*)$", text[errors_at:] if errors_at >= 0 else "", re.M):
+        low = message.lower()
+        kind = ("timeout" if "timeout" in low or "deadline exceeded" in low else "connect" if "dial tcp" in low
+                else "read" if "eof" in low or "reset" in low or "read" in low else "write" if "write" in low
+                else "other")  # fmt: skip
+        errors[kind] = errors.get(kind, 0) + int(n)
+    latency = {int(p): 1000 * float(v) for p, v in re.findall(r"^\s*(\d+)% in ([\d.]+) secs", text, re.M)}
+    return {"requests": sum(statuses.values()) + sum(v for k, v in errors.items() if not k.isdigit()),
+            "ok": statuses.get("200", 0), "errors": errors, "p50_ms": latency.get(50, math.nan),
+            "p95_ms": latency.get(95, math.nan), "p99_ms": latency.get(99, math.nan)}  # fmt: skip
 
 
 async def run_python_async(case: Case, concurrency: int, seconds: float) -> dict:
@@ -242,6 +257,19 @@ def server_counters(base: str, model: str) -> dict[str, float]:
     return found
 
 
+def settle(base: str, limit_s: float = 30.0) -> None:
+    """Wait until the server has finished what the client left behind when it stopped, so that work is charged to
+    this case rather than to the next one's CPU reading."""
+    end = time.perf_counter() + limit_s
+    while time.perf_counter() < end:
+        text = httpx.get(f"{base}/metrics", timeout=30).text
+        busy = sum(float(line.split()[-1]) for line in text.splitlines()
+                   if line.startswith(("fpet_requests_in_flight{", "fpet_queue_images{")))  # fmt: skip
+        if busy == 0:
+            return
+        time.sleep(0.05)
+
+
 def run_case(case: Case, concurrency: int, seconds: float, client: str, base: str) -> dict:
     before = server_counters(base, case.model)
     with tempfile.TemporaryDirectory(prefix="fpet-bench-") as folder:
@@ -251,6 +279,7 @@ def run_case(case: Case, concurrency: int, seconds: float, client: str, base: st
             result = run_hey(case, concurrency, seconds, Path(folder))
         else:
             result = asyncio.run(run_python_async(case, concurrency, seconds))
+    settle(base)
     after = server_counters(base, case.model)
     cpu_ms = None
     if "cpu" in before and "cpu" in after and result["requests"]:

@@ -124,7 +124,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await asyncio.to_thread(load, state)
         except Exception as exc:
             log.exception("could not load the models")
-            state.reason = f"could not load the models: {exc}"
+            state.set_ready(False, f"could not load the models: {exc}")
             yield
             lifecycle.unregister(state)
             return

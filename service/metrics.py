@@ -55,6 +55,8 @@ BATCH_SIZE = Histogram("fpet_batch_size", "Images per batch", ["model"], buckets
 QUEUE_IMAGES = Gauge("fpet_queue_images", "Images waiting for a batch", ["model"], multiprocess_mode="livesum")
 IN_FLIGHT = Gauge("fpet_requests_in_flight", "Requests being handled", ["model"], multiprocess_mode="livesum")
 READY = Gauge("fpet_model_ready", "1 when the model is loaded and warm", ["model"], multiprocess_mode="livemin")
+# No labels, so it exists before any model has loaded: a load that fails leaves no fpet_model_ready series to alert on.
+SERVING = Gauge("fpet_ready", "1 when the service answers /readyz with 200", multiprocess_mode="livemin")
 INFO = Gauge(
     "fpet_model_info", "Served model", ["model", "version", "backbone", "provider", "precision", "schedule"],
     multiprocess_mode="liveall",

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -20,6 +22,20 @@ from service.runtime import ModelRunner
 from service.settings import Settings
 
 log = logging.getLogger("fpet.service")
+CPU_MAX = Path("/sys/fs/cgroup/cpu.max")  # cgroup v2: "QUOTA PERIOD", or "max PERIOD" without a CPU limit
+
+
+def available_cores(cpu_max: Path = CPU_MAX) -> int:
+    """The cores this process may use: its CPU affinity, capped by its cgroup's CPU quota. In a pod os.cpu_count()
+    is the node's count: a 2-CPU pod on a 16-core node would decode 16 images at once (and hold them in memory)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        quota, period = cpu_max.read_text().split()
+        if quota != "max":
+            cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass  # no cgroup v2 file (not Linux, cgroup v1): the affinity stands
+    return cores
 
 
 class State:
@@ -33,7 +49,7 @@ class State:
         self.reason = "loading models"
         # Images decoded or preprocessed at once: as many as there are cores, whatever the load. Its own threads
         # rather than asyncio's default pool: no context copy per call, and they show by name in a profile.
-        self.decode_pool = ThreadPoolExecutor(os.cpu_count() or 1, "decode")
+        self.decode_pool = ThreadPoolExecutor(available_cores(), "decode")
         self.explain_slots = asyncio.Semaphore(settings.explain_concurrency)
         self.in_flight = 0
         self.last_arrival = 0.0
@@ -65,6 +81,7 @@ class State:
 
     def set_ready(self, ready: bool, reason: str = "") -> None:
         self.ready, self.reason = ready, reason
+        metrics.SERVING.set(1 if ready else 0)
         for name in self.runners:
             metrics.READY.labels(name).set(1 if ready else 0)
 
@@ -116,7 +133,7 @@ def session_threads(settings: Settings) -> int:
     """One instance keeps onnxruntime's own choice; several share the cores instead of each taking them all."""
     if settings.threads or settings.instances == 1:
         return settings.threads
-    return max(1, (os.cpu_count() or 1) // settings.instances)
+    return max(1, available_cores() // settings.instances)
 
 
 def start_batchers(state: State) -> None:

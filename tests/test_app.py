@@ -259,6 +259,7 @@ def test_not_ready_when_the_models_cannot_load(tmp_path):
             check_error(c.post(route, **body), 503, "not_ready")
         check_error(c.get("/v2/models/fpet/ready"), 503, "not_ready")
         check_error(c.post("/v2/models/fpet/infer", json={"inputs": []}), 503, "not_ready")
+        assert "\nfpet_ready 0.0\n" in c.get("/metrics").text  # what FpetNotReady alerts on: no model series exist
 
 
 def test_cuda_is_used_when_there_or_its_absence_blocks_readiness(tiny_bundles):
@@ -440,7 +441,9 @@ def test_recent_rate_counts_every_request_beyond_the_latency_sample():
 
 
 def test_instances_split_the_cores_and_answer_as_one_instance_does(tiny_bundles, monkeypatch):
-    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    import service.state
+
+    monkeypatch.setattr(service.state, "available_cores", lambda: 4)
     settings = Settings(bundles=[str(tiny_bundles["fpet"])], providers="cpu", instances=2, max_batch_size=2)
     one = Settings(bundles=[str(tiny_bundles["fpet"])], providers="cpu")
     bodies = [jpeg((40 * i, 200 - 30 * i, 90)) for i in range(6)]
@@ -519,3 +522,16 @@ def test_a_request_decodes_at_most_its_pixel_budget_counting_jpegs_at_their_deco
         late = c.post("/classify", json={"images": [{"b64": camera}] * 3}, headers={"X-Request-Timeout-Ms": "0.001"})
         check_error(late, 504, "timeout")
         assert "being decoded" in late.json()["error"]
+
+
+def test_cores_are_the_cgroup_quota_not_the_nodes_count(tmp_path):
+    from service.state import available_cores
+
+    cpu_max = tmp_path / "cpu.max"
+    everything = available_cores(tmp_path / "absent")
+    cpu_max.write_text("150000 100000\n")  # a Kubernetes limit of 1.5 CPU
+    assert available_cores(cpu_max) == min(2, everything)
+    cpu_max.write_text("50000 100000\n")  # half a CPU: one decode thread, not one per core of the node
+    assert available_cores(cpu_max) == 1
+    cpu_max.write_text("max 100000\n")
+    assert available_cores(cpu_max) == everything == len(os.sched_getaffinity(0))

@@ -53,9 +53,13 @@ def test_compose_files_are_valid_with_profiles_and_gpu_override(tmp_path):
         done = subprocess.run([str(COMPOSE), "-f", "docker-compose.yml", *args, "config", "-q"], capture_output=True,
                               text=True, cwd=ROOT, env=env)  # fmt: skip
         assert done.returncode == 0, (args, done.stderr)
-    config = subprocess.run([str(COMPOSE), "-f", "docker-compose.yml", "-f", "docker-compose.gpu.yml", "config",
-                             "--format", "json"], capture_output=True, text=True, cwd=ROOT, env=env)  # fmt: skip
-    service = json.loads(config.stdout)["services"]["fpet"]
+    config = subprocess.run([str(COMPOSE), "-f", "docker-compose.yml", "-f", "docker-compose.gpu.yml", "--profile",
+                             "loadgen", "config", "--format", "json"], capture_output=True, text=True, cwd=ROOT,
+                            env=env)  # fmt: skip
+    services = json.loads(config.stdout)["services"]
+    assert services["loadgen"]["image"] == services["fpet"]["image"]  # loadgen runs the image this override builds
+    assert services["fpet"]["image"].endswith(":gpu")
+    service = services["fpet"]
     assert service["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
     assert service["build"]["target"] == "gpu"
     # Nothing from the host by default; the bundles override mounts a host folder, and says what is missing without it.
@@ -314,6 +318,9 @@ def test_dashboard_names_only_metrics_the_service_exports(tiny_bundles):
     dashboard = json.loads((ROOT / "deploy" / "grafana" / "dashboards" / "fpet.json").read_text())
     exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
     assert len(exprs) > 20
+    buckets = [t for p in dashboard["panels"] for t in p.get("targets", [])
+               if "_bucket" in t["expr"] and "histogram_quantile" not in t["expr"]]  # fmt: skip
+    assert buckets and all(t.get("format") == "heatmap" for t in buckets)  # Grafana de-accumulates `le` only then
     unknown = {name for e in exprs for name in metric_names(e)} - exported - recorded
     assert unknown == set()
     rule_exprs = [r["expr"] for g in yaml.safe_load((PROM / "rules.yml").read_text())["groups"] for r in g["rules"]]
@@ -405,6 +412,8 @@ def test_kserve_custom_predictor_runs_this_image_hardened():
     env = {e["name"]: e["value"] for e in container["env"]}
     assert port == int(env.get("FPET_PORT", 8000))  # the image listens on 8000
     assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": port}
+    startup = container["startupProbe"]  # /healthz answers only once loaded: liveness must wait for the warm-up
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 120
     assert env["FPET_BUNDLES"] == "/models/fpet,/models/backbone"
     # The predictor's pod fields and container are Kubernetes' own: validate them as a Pod, strictly.
     pod_spec = {k: predictor[k] for k in ("containers", "volumes", "securityContext")}

@@ -181,8 +181,18 @@ def test_http_benchmark_counts_errors_by_status(server, tmp_path):
 
     broken = tmp_path / "x.png"
     broken.write_bytes(b"\x89PNG\r\n\x1a\n" + b"truncated")
-    [row] = bench_http(server, [broken], [1], 1.0, ["fpet"], client="wrk")
-    assert row["ok"] == 0 and row["errors"] == {"400": row["requests"]} and row["requests"] > 0
+    for client in ("wrk", "hey"):
+        [row] = bench_http(server, [broken], [1], 1.0, ["fpet"], client=client)
+        assert row["ok"] == 0 and row["errors"] == {"400": row["requests"]} and row["requests"] > 0, (client, row)
+
+
+def test_hey_counts_connections_that_got_no_answer(tmp_path):
+    """hey's CSV lists only answered requests: refused connections must still count as errors."""
+    from bench.http import Case, run_hey
+
+    case = Case("classify", "fpet", f"http://127.0.0.1:{free_port()}/classify", [b"x"], {"Content-Type": "image/png"})
+    result = run_hey(case, 2, 1.0, tmp_path)
+    assert result["ok"] == 0 and result["errors"].get("connect", 0) > 0 and result["requests"] > 0, result
 
 
 def test_a_client_that_leaves_mid_body_counts_as_499_not_as_a_server_error(server):
@@ -200,3 +210,19 @@ def test_a_client_that_leaves_mid_body_counts_as_499_not_as_a_server_error(serve
         time.sleep(0.1)
     assert metric_value(after, code % "499") - metric_value(before, code % "499") == 1
     assert metric_value(after, code % "500") == metric_value(before, code % "500")
+
+
+def test_the_benchmark_waits_for_what_the_client_left_behind(server):
+    """A request still in the server when the load generator stops is charged to its own case's CPU reading."""
+    import threading
+
+    from bench.http import settle
+
+    host, port = server.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)))
+    sock.sendall(b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\nContent-Length: 100000\r\n\r\nx")
+    time.sleep(0.3)  # admitted, reading its body: in flight
+    threading.Timer(0.8, sock.close).start()
+    start = time.perf_counter()
+    settle(server)
+    assert 0.4 < time.perf_counter() - start < 10
