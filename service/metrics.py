@@ -7,6 +7,7 @@ start); gauges then carry a multiprocess mode and /metrics aggregates every work
 
 from __future__ import annotations
 
+import functools
 import os
 
 from prometheus_client import (
@@ -55,8 +56,6 @@ BATCH_SIZE = Histogram("fpet_batch_size", "Images per batch", ["model"], buckets
 QUEUE_IMAGES = Gauge("fpet_queue_images", "Images waiting for a batch", ["model"], multiprocess_mode="livesum")
 IN_FLIGHT = Gauge("fpet_requests_in_flight", "Requests being handled", ["model"], multiprocess_mode="livesum")
 READY = Gauge("fpet_model_ready", "1 when the model is loaded and warm", ["model"], multiprocess_mode="livemin")
-# No labels, so it exists before any model has loaded: a load that fails leaves no fpet_model_ready series to alert on.
-SERVING = Gauge("fpet_ready", "1 when the service answers /readyz with 200", multiprocess_mode="livemin")
 INFO = Gauge(
     "fpet_model_info", "Served model", ["model", "version", "backbone", "provider", "precision", "schedule"],
     multiprocess_mode="liveall",
@@ -68,6 +67,14 @@ LOAD_SECONDS = Gauge("fpet_model_load_duration_seconds", "Model load time", ["mo
 WARMUP_SECONDS = Gauge("fpet_model_warmup_duration_seconds", "Warm-up time", ["model"], multiprocess_mode="max")
 FALLBACKS = Counter("fpet_execution_provider_fallback", "CUDA asked for, CPU given by onnxruntime", ["model"])
 BUILD = Gauge("fpet_build_info", "Build", ["version", "git_sha", "onnxruntime"], multiprocess_mode="max")
+
+
+@functools.cache
+def serving() -> Gauge:
+    """No labels, so it exists before any model has loaded (a load that fails leaves no fpet_model_ready series to
+    alert on). Made on first use, in the serving process: an unlabelled gauge opens its multiprocess file at once,
+    and at import `fpet serve --workers N` has not yet made the folder."""
+    return Gauge("fpet_ready", "1 when the service answers /readyz with 200", multiprocess_mode="livemin")
 
 
 def initialise(model: str, tasks: list[str]) -> None:

@@ -47,6 +47,7 @@ class State:
         self.ready = False
         self.draining = False
         self.reason = "loading models"
+        metrics.serving().set(0)
         # Images decoded or preprocessed at once: as many as there are cores, whatever the load. Its own threads
         # rather than asyncio's default pool: no context copy per call, and they show by name in a profile.
         self.decode_pool = ThreadPoolExecutor(available_cores(), "decode")
@@ -81,7 +82,7 @@ class State:
 
     def set_ready(self, ready: bool, reason: str = "") -> None:
         self.ready, self.reason = ready, reason
-        metrics.SERVING.set(1 if ready else 0)
+        metrics.serving().set(1 if ready else 0)
         for name in self.runners:
             metrics.READY.labels(name).set(1 if ready else 0)
 
