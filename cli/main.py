@@ -203,7 +203,7 @@ def cmd_export(args: argparse.Namespace) -> None:
         options = TritonOptions(
             task=args.task, max_batch_size=args.max_batch_size, queue_delay_us=args.queue_delay_us,
             instance_kind=args.instance_kind, instances=args.instances, tensorrt=args.tensorrt,
-            precision=args.precision, opset=args.opset,
+            precision=args.precision, opset=args.opset, quantization=args.quantization,
         )  # fmt: skip
         for model in export_triton_repository(args.run, args.out, options, log=log):
             print(model)

@@ -95,7 +95,7 @@ def visualize(source: str | None, images: list[str], out: str, backbone: str | N
         raise FpetError(f"the {main.name} model merges no tokens: there is no merge map to draw")
     size = main.preprocessing["img_size"]
     written = []
-    for name in images:
+    for name, stem_name in zip(images, distinct_stems(images), strict=True):
         try:
             with Image.open(name) as image:
                 pixels = resize_rgb(image, size)
@@ -109,11 +109,24 @@ def visualize(source: str | None, images: list[str], out: str, backbone: str | N
         captions.append(", ".join(f"block {p['block']}: {p['tokens_before'] - 1} -> {p['tokens_after'] - 1} tokens"
                                   for p in main.points))  # fmt: skip
         hwc = pixels.transpose(1, 2, 0)
-        stem = Path(out) / Path(name).stem
+        stem = Path(out) / stem_name
         for row, point in zip(maps[0], main.points, strict=True):
             written.append(save_png(mergemap.draw(hwc, row, main.grid), stem, f"block{point['block']}"))
         written.append(save_png(mergemap.sheet(hwc, maps[0], main.grid, main.points, captions), stem, "sheet"))
     return written
+
+
+def distinct_stems(images: list[str]) -> list[str]:
+    """File-name stems for the outputs, one per image: `a/x.png` and `b/x.jpg` must not write to the same files."""
+    taken: set[str] = set()
+    stems = []
+    for name in images:
+        stem, n = Path(name).stem, 1
+        while (stem if n == 1 else f"{stem}-{n}") in taken:
+            n += 1
+        stems.append(stem if n == 1 else f"{stem}-{n}")
+        taken.add(stems[-1])
+    return stems
 
 
 def save_png(picture: Image.Image, stem: Path, suffix: str) -> Path:

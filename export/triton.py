@@ -41,6 +41,7 @@ class TritonOptions:
     tensorrt: bool = False
     precision: str = "fp32"
     opset: int = 17
+    quantization: str = "dynamic"  # int8 only, as for a bundle (`fpet export --quantization`)
 
     def __post_init__(self) -> None:
         if self.task is not None and not NAME.match(self.task):
@@ -148,8 +149,8 @@ def export_triton_repository(
         names = []
         for variant in VARIANTS:
             bundle = tmp / ".bundles" / variant
-            manifest = export_bundle(run_dir, bundle, ExportOptions(variant, ("onnx",), options.precision,
-                                                                    options.opset), log=log)  # fmt: skip
+            export_options = ExportOptions(variant, ("onnx",), options.precision, options.opset, options.quantization)
+            manifest = export_bundle(run_dir, bundle, export_options, log=log)
             labels = json.loads((bundle / LABELS).read_text())
             if any("\n" in label for label in labels):
                 raise FpetError("a label contains a line break; Triton's label files hold one label per line")

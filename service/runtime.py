@@ -96,7 +96,12 @@ class ModelRunner:
         if self.task_input is not None:
             if tasks is None:
                 raise ValueError(f"{self.name} serves several tasks: every batch needs its images' tasks")
-            feeds[self.task_input] = np.ascontiguousarray(tasks, dtype=np.int64)
+            tasks = np.ascontiguousarray(tasks, dtype=np.int64)
+            # The graph's Gather would take -1 as the last task and spread one index over the batch: say so instead.
+            if tasks.shape != (len(batch),) or tasks.min() < 0 or tasks.max() >= len(self.tasks):
+                raise ValueError(f"{self.name}: task indices {tasks.tolist()} for {len(batch)} images; each image "
+                                 f"needs one of 0..{len(self.tasks) - 1}")  # fmt: skip
+            feeds[self.task_input] = tasks
         return feeds
 
     def preprocess(self, image: Image.Image) -> np.ndarray:

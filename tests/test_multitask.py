@@ -123,6 +123,9 @@ def test_the_graph_gives_what_each_tasks_own_bundle_gives(multitask_bundles):
         np.testing.assert_allclose(mixed[i, : len(task.labels)], own, atol=1e-4)
     with pytest.raises(ValueError, match="needs its images' tasks"):
         multi.run(x)
+    for wrong in ([-1, 0, 1, 2, 1, 0], [1], [0, 1, 2, 3, 1, 0]):  # the graph would wrap -1, spread [1] over the batch
+        with pytest.raises(ValueError, match=r"each image needs one of 0\.\.2"):
+            multi.run(x, np.array(wrong))
 
 
 def test_runs_that_cannot_share_a_graph_are_refused_naming_the_difference(task_runs, tmp_path):

@@ -112,3 +112,7 @@ def test_cli_writes_the_repository_or_one_error_line(tiny_bundles, tmp_path):
     assert json.loads((tmp_path / "repo" / ".fpet-triton.json").read_text())["models"] == ["fpet_t", "backbone_t"]
     done = run_fpet("export", str(run), "--out", str(tmp_path / "x"), "--format", "triton,onnx", home=tmp_path)
     assert done.returncode == 1 and done.stderr.strip().count("\n") == 0 and "give it alone" in done.stderr
+    # --quantization reaches the Triton export too: static needs the run's data, which this run does not have
+    done = run_fpet("export", str(run), "--out", str(tmp_path / "int8"), "--format", "triton", "--precision", "int8",
+                    "--quantization", "static", home=tmp_path)  # fmt: skip
+    assert done.returncode == 1 and "static quantization needs calibration images" in done.stderr, done.stderr
