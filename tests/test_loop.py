@@ -15,6 +15,16 @@ from training.evaluate import evaluate_run
 from training.loop import lr_at, train, wilson_interval
 
 
+def interrupt_after_epoch(epoch: int):
+    """A log callback that stops a three-epoch run as if killed once `epoch` is saved."""
+
+    def log(message: str) -> None:
+        if message.startswith(f"epoch {epoch}/3:"):
+            raise KeyboardInterrupt
+
+    return log
+
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     return make_image_folder(tmp_path_factory.mktemp("colours"))
@@ -62,12 +72,8 @@ def test_evaluate_reproduces_the_reported_accuracy(data, tmp_path):
 def test_resume_after_an_interruption_continues_from_the_saved_epoch(data, tmp_path):
     full = train(tiny_config(data, tmp_path / "full"), log=lambda _: None)
 
-    def interrupt_after_epoch_2(message: str) -> None:
-        if message.startswith("epoch 2/3:"):
-            raise KeyboardInterrupt
-
     with pytest.raises(KeyboardInterrupt):
-        train(tiny_config(data, tmp_path / "cut"), log=interrupt_after_epoch_2)
+        train(tiny_config(data, tmp_path / "cut"), log=interrupt_after_epoch(2))
     assert checkpoint.load_resume(tmp_path / "cut")["epoch"] == 2
     assert not (tmp_path / "cut" / "config.json").exists()
     with pytest.raises(FpetError, match="already holds a run"):
@@ -219,12 +225,8 @@ def test_resume_refuses_other_weights_under_the_same_file_name(data, tmp_path):
     torch.manual_seed(0)
     save_file(create_model("vit_tiny_patch16_224", num_classes=0, img_size=32).state_dict(), weights)
 
-    def interrupt_after_epoch_1(message: str) -> None:
-        if message.startswith("epoch 1/3:"):
-            raise KeyboardInterrupt
-
     with pytest.raises(KeyboardInterrupt):
-        train(tiny_config(data, tmp_path / "cut", weights=str(weights)), log=interrupt_after_epoch_1)
+        train(tiny_config(data, tmp_path / "cut", weights=str(weights)), log=interrupt_after_epoch(1))
     torch.manual_seed(1)
     save_file(create_model("vit_tiny_patch16_224", num_classes=0, img_size=32).state_dict(), weights)
     with pytest.raises(FpetError, match=r"different settings \(backbone weights"):
@@ -241,12 +243,8 @@ def test_a_class_with_no_readable_image_is_refused_before_training(tmp_path):
 
 
 def test_damaged_run_files_are_one_line_errors(data, tmp_path):
-    def interrupt_after_epoch_1(message: str) -> None:
-        if message.startswith("epoch 1/3:"):
-            raise KeyboardInterrupt
-
     with pytest.raises(KeyboardInterrupt):
-        train(tiny_config(data, tmp_path / "cut"), log=interrupt_after_epoch_1)
+        train(tiny_config(data, tmp_path / "cut"), log=interrupt_after_epoch(1))
     resume = tmp_path / "cut" / "resume.pt"
     resume.write_bytes(resume.read_bytes()[:100])
     with pytest.raises(FpetError, match="damaged and cannot be resumed"):
