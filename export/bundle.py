@@ -11,8 +11,12 @@ from pathlib import Path
 
 from fpet.errors import FpetError
 
-BUNDLE_FORMAT = 2  # 2: fpet graphs have a second output, the merge maps (manifest `merge_maps`)
-MULTITASK_BUNDLE_FORMAT = 3  # several tasks in one graph: a `task` input, manifest `tasks`, labels per task
+# 2: fpet graphs have a second output, the merge maps (manifest `merge_maps`); 3: several tasks in one graph (a
+# `task` input, manifest `tasks`, labels per task); 4 and 5 (single- and multi-task): the merge is one matrix product
+# and the merge maps follow the matching by gathers alone, so runtimes keep the matching in fp32 (fpet.merge)
+BUNDLE_FORMAT = 4
+MULTITASK_BUNDLE_FORMAT = 5
+NEWEST_FORMAT = max(BUNDLE_FORMAT, MULTITASK_BUNDLE_FORMAT)
 MANIFEST, LABELS, ONNX_FILE, TORCHSCRIPT_FILE = "manifest.json", "labels.json", "model.onnx", "model.ts"
 VARIANTS = ("fpet", "backbone")
 FORMATS = {"onnx": ONNX_FILE, "torchscript": TORCHSCRIPT_FILE}
@@ -36,8 +40,8 @@ def read_manifest(bundle_dir: str | Path) -> dict:
         raise FpetError(f"{bundle_dir} is not a model bundle (no {MANIFEST} with a bundle format)")
     manifest = json.loads((bundle_dir / MANIFEST).read_text())
     version = manifest.get("bundle_format")
-    if not isinstance(version, int) or version > MULTITASK_BUNDLE_FORMAT:
-        raise FpetError(f"{bundle_dir} has bundle format {version!r}; this fpet reads up to {MULTITASK_BUNDLE_FORMAT}")
+    if not isinstance(version, int) or version > NEWEST_FORMAT:
+        raise FpetError(f"{bundle_dir} has bundle format {version!r}; this fpet reads up to {NEWEST_FORMAT}")
     for name in manifest.get("files", {}).values():
         if not (bundle_dir / name).is_file():
             raise FpetError(f"bundle {bundle_dir} lacks {name}")

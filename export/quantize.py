@@ -1,9 +1,10 @@
 """int8 bundles: onnxruntime quantization of the linear layers of an exported fp32 graph.
 
 Only matrix products with a constant weight are quantized, and only those wide enough to pay for quantizing their
-input: attention's products and the merge's matching and one-hot products have no constant weight and stay fp32, so
-matching and merging run as in the fp32 graph; the adapters' bottleneck layers (a few columns) stay
-fp32 because quantizing their input costs more than their product (measured: 3% of the int8 model's time).
+input: attention's products and the merge's product have no constant weight and stay fp32, and the layer that feeds
+the matching its keys (`key_mean`) is left fp32 by name, so matching and merging run as in the fp32 graph; the
+adapters' bottleneck layers (a few columns) stay fp32 because quantizing their input costs more than their product
+(measured: 3% of the int8 model's time).
 
 Dynamic quantization (activations quantized per call) is the default: on this machine's CPU it was faster and more
 accurate than static QDQ calibrated on the run's training images (docs/benchmarks.md, "int8 bundles").
@@ -24,16 +25,20 @@ from fpet.errors import FpetError
 
 MODES = ("dynamic", "static")
 MIN_WIDTH = 64  # narrower weights stay fp32
+METRIC_LAYER = "key_mean"  # fpet.vit.Attention.fold_key_mean: the merge metric, matched in fp32
 CALIBRATION_BATCH = 8
 
 
 def quantizable_matmuls(model) -> list[str]:
-    """Names of the MatMul nodes whose weight is a constant at least MIN_WIDTH wide in both dimensions."""
+    """Names of the MatMul nodes whose weight is a constant at least MIN_WIDTH wide in both dimensions, but for the
+    merge metric's."""
     weights = {t.name: t.dims for t in model.graph.initializer}
     return [
         node.name
         for node in model.graph.node
-        if node.op_type == "MatMul" and min(weights.get(node.input[1], [0])) >= MIN_WIDTH
+        if node.op_type == "MatMul"
+        and min(weights.get(node.input[1], [0])) >= MIN_WIDTH
+        and METRIC_LAYER not in node.name
     ]
 
 
@@ -66,7 +71,7 @@ def quantize_int8(src: Path, dst: Path, mode: str = "dynamic", calibration: np.n
         if mode == "dynamic"
         else f"uint8, calibrated on {len(calibration)} images",
         "quantized_matmuls": len(nodes),
-        "kept_fp32": "attention and merge products (no constant weight); weights narrower than "
+        "kept_fp32": "attention and merge products (no constant weight); the merge metric; weights narrower than "
         f"{MIN_WIDTH} (adapter bottlenecks); the patch embedding and the head",
     }
 

@@ -1,13 +1,15 @@
 """Token merging maths as pure tensor functions: splits, matching and the size-weighted merge.
 
 Shapes: x [B, N, C] with cls at index 0, size [B, N, 1] (how many original patches each token stands for, always
-fp32), metric [B, N, c]. Index tensors are static (they depend only on shapes), so exported graphs keep static
-shapes and use no scatter ops: the merge is a dense one-hot matmul, which exports exactly (see docs on export
-pitfalls).
+fp32; None before the first merge), metric [B, N, c]. Index tensors are static (they depend only on shapes), so
+exported graphs keep static shapes and use no scatter ops: the merge is one dense matrix product of 0/1 rows
+weighted by size, which exports exactly (see docs on export pitfalls).
 
-Matching runs in fp32 whatever the surrounding precision (fp16 graphs, bf16 or fp16 autocast): cosine scores of
-near-identical tokens differ by less than half precision resolves near 1, and tied rows all go to the first column,
-piling a flat background into one token.
+The precision boundary: the matching (normalised keys, scores, argmax) and the sizes run in fp32 whatever the
+surrounding precision (fp16 graphs, bf16 or fp16 autocast, a runtime's own bf16): cosine scores of near-identical
+tokens differ by less than half precision resolves near 1, and tied rows all go to the first column, piling a flat
+background into one token. Everything the tokens pass through stays in the tokens' precision: the fp32 side meets
+them only as the merge weights, cast once, and as the attention's size bias, computed once per merge point.
 """
 
 from __future__ import annotations
@@ -45,20 +47,28 @@ def full_precision(device: torch.device) -> torch.autocast:
 
 
 def similarity(metric: Tensor, a_idx: Tensor, b_idx: Tensor) -> Tensor:
-    """Cosine similarity A x B in fp32; the cls column (B's first) is -inf so nothing merges into cls."""
+    """Cosine similarity A x B in fp32; the cls column (B's first) is -inf so nothing merges into cls.
+
+    Written as a broadcast product and a sum, not a matrix product: runtimes that lower a graph's precision
+    themselves (OpenVINO's bf16 on CPU matrix engines) lower every matrix product, but keep the elementwise ops and
+    reductions that feed an integer result (here the argmax) in fp32. The scores are small (|A| x |B| x head_dim).
+    """
     with full_precision(metric.device):
         metric = metric.float()
         metric = metric / torch.linalg.vector_norm(metric, dim=-1, keepdim=True).clamp_min(1e-6)
         a, b = metric.index_select(1, a_idx), metric.index_select(1, b_idx)
-        scores = a @ b.transpose(-1, -2)
+        scores = (a.unsqueeze(2) * b.unsqueeze(1)).sum(dim=-1)
     return torch.cat([torch.full_like(scores[..., :1], float("-inf")), scores[..., 1:]], dim=-1)
+
+
+def one_hot(indices: Tensor, n: int) -> Tensor:
+    """fp32 one-hot rows of integer indices, by comparison (exports as Equal and Cast, no OneHot op)."""
+    return (indices.unsqueeze(-1) == torch.arange(n, device=indices.device)).float()
 
 
 def hard_assignment(scores: Tensor) -> Tensor:
     """One-hot of each row's argmax. argmax breaks exact ties (first index) where `soft > 0.5` would drop the row."""
-    best = scores.argmax(dim=-1, keepdim=True)
-    columns = torch.arange(scores.shape[-1], device=scores.device)
-    return (best == columns).to(scores.dtype)
+    return one_hot(scores.argmax(dim=-1), scores.shape[-1])
 
 
 def fpet_assignment(scores: Tensor) -> Tensor:
@@ -77,80 +87,75 @@ def select_rows(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return order[:, :k], order[:, k:]
 
 
-def gather_rows(t: Tensor, rows: Tensor) -> Tensor:
-    """t[b, rows[b]] for every batch element, as a gather with static shapes."""
-    return t.gather(1, rows.unsqueeze(-1).expand(-1, -1, t.shape[-1]))
+@functools.lru_cache(maxsize=64)
+def _sequence_order(a: tuple[int, ...], b: tuple[int, ...]) -> list[int]:
+    """For each sequence position, its column among [B tokens, then A tokens]."""
+    columns = {position: column for column, position in enumerate(b + a)}
+    return [columns[position] for position in range(len(columns))]
 
 
-def weighted_merge(x_src: Tensor, s_src: Tensor, x_dst: Tensor, s_dst: Tensor, assign: Tensor) -> tuple[Tensor, Tensor]:
-    """Size-weighted mean of each destination with the sources assigned to it (assign [B, |src|, |dst|]).
+def merge_matrix(scores: Tensor, a_idx: Tensor, b_idx: Tensor, k: int, learned: bool) -> Tensor:
+    """[B, tokens out, tokens in], 0/1 in the forward pass: output token j is the union of the input tokens in row j.
 
-    The weights are normalised (each at most 1, summing to 1 per destination) before they touch the tokens, so the
-    products stay in the tokens' range: multiplying by sizes first can overflow fp16 after large merges. Sizes and
-    weights are fp32; the mixing runs in the tokens' precision.
+    Output order: the B tokens (cls first, each with the A tokens it absorbed), then the A tokens kept (best
+    matched first). `learned` takes FPET's straight-through assignment, so the matching trains through it;
+    otherwise the hard one-hot (ToMe, and FPET at deployment, where both agree in the forward pass).
     """
-    with full_precision(assign.device):
-        to_dst = assign.float().transpose(-1, -2)
-        new_size = s_dst + to_dst @ s_src
-        weights = to_dst * (s_src.transpose(-1, -2) / new_size)
-        keep = s_dst / new_size
-    merged = x_dst * keep.to(x_dst.dtype) + weights.to(x_src.dtype) @ x_src
-    return merged, new_size
+    n_a, n_b = a_idx.numel(), b_idx.numel()
+    assign = fpet_assignment(scores) if learned else hard_assignment(scores)
+    into_b = assign.transpose(-1, -2)  # [B, |B|, |A|]
+    kept_rows = None
+    if k < n_a:
+        merging, kept = select_rows(scores, k)
+        into_b = into_b * one_hot(merging, n_a).sum(dim=1, keepdim=True)  # only the k rows chosen merge
+        kept_rows = one_hot(kept, n_a)
+    eye = torch.eye(n_b, device=scores.device).expand(scores.shape[0], -1, -1)
+    rows = torch.cat([eye, into_b], dim=-1)  # columns: the B tokens, then the A tokens
+    if kept_rows is not None:
+        rows = torch.cat([rows, torch.cat([kept_rows.new_zeros(*kept_rows.shape[:2], n_b), kept_rows], -1)], 1)
+    order = _sequence_order(tuple(a_idx.tolist()), tuple(b_idx.tolist()))
+    return rows.index_select(-1, torch.tensor(order, device=scores.device))
 
 
 def merge_tokens(
     x: Tensor,
-    size: Tensor,
+    size: Tensor | None,
     scores: Tensor,
     a_idx: Tensor,
     b_idx: Tensor,
     k: int,
     learned: bool,
-    members: Tensor | None = None,
+    groups: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
-    """Merge k of the A tokens into B. Output: B tokens (cls first), then the A tokens kept; sizes alike.
+    """Merge k of the A tokens into B by size-weighted mean; returns the tokens, their sizes and `groups`.
 
-    `learned` selects FPET's straight-through assignment (for training); otherwise the hard one-hot (ToMe, and
-    FPET at deployment, where both agree in the forward pass). `members` ([B, N, patches], 0/1: which original
-    patches each token stands for) is carried through the same hard assignment when given, for merge maps.
+    `size` None: every token stands for one patch (before the first merge). The mixing weights are built in fp32
+    from the merge matrix and the sizes, normalised (at most 1, summing to 1 per output token) so that the products
+    stay in the tokens' range in fp16, then cast to the tokens' precision: the only op that touches the tokens is one
+    matrix product in their own precision, with no gather, no scatter and no fp32 elementwise op on the token path.
+
+    `groups` ([B, patches], int64: the token each original patch is in) follows each input token to its output
+    row by gathers. As a graph output (the merge maps) it ties the matching to the graph's tail with no matrix
+    product between them, and runtimes keep a graph's tail in fp32 when they lower the rest (OpenVINO's CPU plugin
+    does for bf16 and fp16): that is what holds the matching in fp32 in an fp32 graph compiled for bf16.
     """
-    src = keep = None
-    if k < a_idx.numel():
-        src, keep = select_rows(scores, k)
-        scores = gather_rows(scores, src)
-    assign = fpet_assignment(scores) if learned else hard_assignment(scores)
-
-    def split(t: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
-        """A rows to merge, B rows, A rows kept."""
-        t_a, t_b = t.index_select(1, a_idx), t.index_select(1, b_idx)
-        if src is None:
-            return t_a, t_b, None
-        return gather_rows(t_a, src), t_b, gather_rows(t_a, keep)
-
-    def join(t_b: Tensor, t_kept: Tensor | None) -> Tensor:
-        return t_b if t_kept is None else torch.cat([t_b, t_kept], dim=1)
-
-    (x_a, x_b, x_kept), (s_a, s_b, s_kept) = split(x), split(size)
-    x_b, s_b = weighted_merge(x_a, s_a, x_b, s_b, assign)
-    if members is not None:
-        m_a, m_b, m_kept = split(members)
-        members = join(m_b + hard_assignment(scores).transpose(-1, -2) @ m_a, m_kept)
-    return join(x_b, x_kept), join(s_b, s_kept), members
+    with full_precision(x.device):
+        rows = merge_matrix(scores, a_idx, b_idx, k, learned)
+        weighted = rows if size is None else rows * size.float().transpose(-1, -2)
+        new_size = weighted.sum(dim=-1, keepdim=True)
+        weights = weighted / new_size
+    merged = weights.to(x.dtype) @ x
+    if groups is not None:
+        groups = rows.detach().argmax(dim=1).gather(1, groups)
+    return merged, new_size, groups
 
 
-def initial_members(x: Tensor) -> Tensor:
-    """[B, 1 + patches, patches]: each patch token stands for itself, cls for no patch."""
-    patches = x.shape[1] - 1
-    eye = torch.eye(patches, device=x.device)
-    table = torch.cat([torch.zeros(1, patches, device=x.device), eye])
-    return table.unsqueeze(0).expand(x.shape[0], -1, -1)
-
-
-def patch_groups(members: Tensor) -> Tensor:
-    """[B, patches]: the index of the token each original patch is in now."""
-    return members.argmax(dim=1)
+def initial_groups(batch: int, patches: int, device: torch.device) -> Tensor:
+    """[B, patches]: before any merge each patch is its own token, after cls."""
+    return torch.arange(1, patches + 1, device=device).expand(batch, -1)
 
 
 def size_bias(size: Tensor, dtype: torch.dtype) -> Tensor:
-    """Proportional attention: log(size) of each key, shaped to add to [B, heads, N, N] logits of `dtype`."""
+    """Proportional attention: log(size) of each key, shaped to add to [B, heads, N, N] logits of `dtype`.
+    Computed once per merge point (in fp32, then cast) and shared by the blocks that follow it."""
     return size.log().transpose(-1, -2).unsqueeze(1).to(dtype)

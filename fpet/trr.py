@@ -28,10 +28,10 @@ class TokenMerger(nn.Module):
     def forward(
         self,
         x: Tensor,
-        size: Tensor,
+        size: Tensor | None,
         keys: Tensor,
         step: MergeStep,
-        members: Tensor | None = None,
+        groups: Tensor | None = None,
         task: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, Tensor | None]:
         metric = keys.detach()
@@ -43,4 +43,4 @@ class TokenMerger(nn.Module):
             a_idx, b_idx = merge.alternate_split(step.tokens_in, x.device)
         scores = merge.similarity(metric, a_idx, b_idx)
         learned = self.refine is not None and not self.deploy
-        return merge.merge_tokens(x, size, scores, a_idx, b_idx, step.merged, learned, members)
+        return merge.merge_tokens(x, size, scores, a_idx, b_idx, step.merged, learned, groups)

@@ -74,11 +74,13 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.lora = lora
         self.fused = True
+        self.key_mean: nn.Linear | None = None  # deployment only: see fold_key_mean
 
     def forward(self, x: Tensor, bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """Returns the output and the keys [B, heads, N, head_dim] (the merge metric)."""
+        """Returns the output and the qkv projection [B, N, 3C], from which a merge takes its metric (`mean_keys`)."""
         b, n, c = x.shape
-        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
+        qkv = self.qkv(x)
+        q, k, v = qkv.reshape(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
         if self.lora is not None:
             dq, dv = self.lora(x)
             q = q + dq.reshape(b, n, self.num_heads, -1).transpose(1, 2)
@@ -90,7 +92,30 @@ class Attention(nn.Module):
             if bias is not None:
                 logits = logits + bias
             out = logits.softmax(dim=-1) @ v
-        return self.proj(out.transpose(1, 2).reshape(b, n, c)), k
+        return self.proj(out.transpose(1, 2).reshape(b, n, c)), qkv
+
+    def mean_keys(self, x: Tensor, qkv: Tensor) -> Tensor:
+        """The merge metric: the keys averaged over heads [B, N, head_dim] (LoRA leaves the keys alone); `x` is this
+        attention's input and `qkv` its projection."""
+        if self.key_mean is not None:
+            return self.key_mean(x)
+        b, n, c3 = qkv.shape
+        c = c3 // 3
+        return qkv[..., c : 2 * c].reshape(b, n, self.num_heads, c // self.num_heads).mean(dim=2)
+
+    def fold_key_mean(self) -> None:
+        """Deployment: the head-averaged keys as one small linear layer of their own (the mean of the heads' key
+        weights), exact since both are linear. The matching after it runs in fp32, and a runtime that keeps it
+        there (see fpet.merge) widens everything back to the nearest matrix product: reading the keys out of the
+        attention's q/k/v split would widen that whole split, and reorder the full projection, in every batch."""
+        dim = self.proj.in_features
+        head_dim = dim // self.num_heads
+        weight = self.qkv.weight[dim : 2 * dim].reshape(self.num_heads, head_dim, dim).mean(dim=0)
+        self.key_mean = nn.Linear(dim, head_dim, bias=self.qkv.bias is not None).to(weight)
+        with torch.no_grad():
+            self.key_mean.weight.copy_(weight)
+            if self.qkv.bias is not None:
+                self.key_mean.bias.copy_(self.qkv.bias[dim : 2 * dim].reshape(self.num_heads, head_dim).mean(dim=0))
 
     def fold_lora(self) -> None:
         """Fold the LoRA updates into the frozen qkv weight (exact: LoRA is linear), then drop the LoRA module."""
@@ -127,24 +152,25 @@ class Block(nn.Module):
         self,
         x: Tensor,
         size: Tensor | None,
+        bias: Tensor | None,
         step: MergeStep | None,
-        members: Tensor | None = None,
+        groups: Tensor | None = None,
         task: Tensor | None = None,
     ) -> tuple[Tensor, Tensor | None, Tensor | None]:
-        """`members` (merge maps only): which original patches each token stands for, carried through the merge;
-        `task` (multi-task models only): each image's task, choosing its adapters from the banks."""
-        attn, keys = self.attn(self.norm1(x), None if size is None else merge.size_bias(size, x.dtype))
+        """`size` and `bias` (None before the first merge): the tokens' sizes and their log as the attention's
+        proportional bias; `groups` (merge maps only): the token each original patch is in, carried through the
+        merge; `task` (multi-task models only): each image's task, choosing its adapters from the banks."""
+        normed = self.norm1(x)
+        attn, qkv = self.attn(normed, bias)
         x = x + drop_path(self.ls1(attn), self.drop_path_rate, self.training)
         if step is not None:
             assert self.merger is not None
-            if size is None:
-                size = torch.ones_like(x[..., :1], dtype=torch.float32)
-            x, size, members = self.merger(x, size, keys.mean(dim=1), step, members, task)
+            x, size, groups = self.merger(x, size, self.attn.mean_keys(normed, qkv), step, groups, task)
         out = x + drop_path(self.ls2(self.mlp(self.norm2(x))), self.drop_path_rate, self.training)
         if self.adapter is not None:
             # AdaptFormer: parallel to the MLP, fed the un-normalised residual
             out = out + per_task(self.adapter, x, task)
-        return out, size, members
+        return out, size, groups
 
 
 class VisionTransformer(nn.Module):
@@ -217,9 +243,12 @@ class VisionTransformer(nn.Module):
         return self
 
     def freeze_for_deployment(self) -> VisionTransformer:
-        """One-way: LoRA folded into qkv, LayerScale into the layers before it, 1-bit weights materialised, hard
-        merges only, eval mode, no gradients."""
+        """One-way: LoRA folded into qkv, LayerScale into the layers before it, 1-bit weights materialised, the merge
+        metric a linear layer of its own, hard merges only, eval mode, no gradients."""
         self.fold_lora()
+        for block in self.blocks:
+            if block.merger is not None:
+                block.attn.fold_key_mean()
         self.fold_layer_scale()
         materialize_binary(self)
         self.requires_grad_(False)
@@ -244,14 +273,19 @@ class VisionTransformer(nn.Module):
         """Final normalised tokens and, with `explain`, the patch-to-token map [B, patches] after each merge point."""
         # Python ints, also under tracing: the merge plan and its index sets are static for a given input size.
         grid = grid_size((int(x.shape[-2]), int(x.shape[-1])), self.cfg.patch_size)
+        batch = x.shape[0]  # the images' own: a shape read off the tokens would tie them to the shape's precision
         x = self.patch_embed(x)
-        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self._pos_embed(grid)
-        size, members, groups = None, merge.initial_members(x) if explain else None, []
+        x = torch.cat([self.cls_token.expand(batch, -1, -1), x], dim=1) + self._pos_embed(grid)
+        groups = merge.initial_groups(batch, x.shape[1] - 1, x.device) if explain else None
+        size = bias = None
+        maps = []
         for block, step in zip(self.blocks, self.merge_plan(grid), strict=True):
-            x, size, members = block(x, size, step, members, task)
-            if explain and step is not None:
-                groups.append(merge.patch_groups(members))
-        return self.norm(x), groups
+            x, size, groups = block(x, size, bias, step, groups, task)
+            if step is not None:  # the size bias, once per merge point for all the blocks after it
+                bias = merge.size_bias(size, x.dtype)
+                if groups is not None:
+                    maps.append(groups)
+        return self.norm(x), maps
 
     def forward(self, x: Tensor, task: Tensor | None = None) -> Tensor:
         """`task` (multi-task models, `fpet.multitask`): each image's task index [B]."""

@@ -52,16 +52,16 @@ def test_bf16_autocast_merges_as_fp32_does():
     assert torch.equal(low, reference), f"largest merged token: {low.max():.0f} patches vs {reference.max():.0f}"
 
 
-def test_weighted_merge_does_not_overflow_in_fp16():
+def test_merge_does_not_overflow_in_fp16():
     """Sizes in the hundreds times activations in the hundreds overflow fp16 (max 65504) if multiplied first."""
-    x_src = torch.full((1, 4, 8), 300.0, dtype=torch.float16)
-    x_dst = torch.full((1, 2, 8), 300.0, dtype=torch.float16)
-    s_src, s_dst = torch.full((1, 4, 1), 250.0), torch.full((1, 2, 1), 250.0)
-    assign = torch.tensor([[[1.0, 0.0]] * 4])
-    merged, size = merge.weighted_merge(x_src, s_src, x_dst, s_dst, assign)
+    x = torch.full((1, 6, 8), 300.0, dtype=torch.float16)
+    size = torch.full((1, 6, 1), 250.0)
+    a, b = merge.alternate_split(6)
+    scores = torch.tensor([[[float("-inf"), 1.0, 0.0]] * 3])  # every A token joins B's second token
+    merged, new_size, _ = merge.merge_tokens(x, size, scores, a, b, k=3, learned=False)
     assert torch.isfinite(merged).all() and merged.dtype == torch.float16
-    assert torch.allclose(merged.float(), torch.full((1, 2, 8), 300.0))
-    assert size.flatten().tolist() == [1250.0, 250.0]
+    assert torch.allclose(merged.float(), torch.full((1, 3, 8), 300.0))
+    assert new_size.flatten().tolist() == [250.0, 1000.0, 250.0]
 
 
 def test_split_indices_built_under_inference_mode_work_in_training():
