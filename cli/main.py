@@ -520,8 +520,16 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--default-model", help="variant /classify uses without ?model= (default fpet)")
     p.add_argument("--workers", type=int, help="uvicorn workers (default 1; metrics switch to multiprocess mode)")
+    p.add_argument(
+        "--runtime", choices=["auto", "onnxruntime", "openvino"],
+        help="default auto: OpenVINO on CPUs with a bf16 matrix engine (AMX, AVX512-BF16), onnxruntime elsewhere",
+    )  # fmt: skip
+    p.add_argument(
+        "--precision", choices=["auto", "fp32", "bf16", "fp16"],
+        help="compute precision (default auto: bf16 with OpenVINO, the bundle's own with onnxruntime)",
+    )  # fmt: skip
     p.add_argument("--providers", choices=["auto", "cpu", "cuda"], help="default auto: CUDA when onnxruntime has it")
-    p.add_argument("--threads", type=int, help="onnxruntime intra-op threads per instance (default: cores/instances)")
+    p.add_argument("--threads", type=int, help="threads per instance (default: cores/instances)")
     p.add_argument("--instances", type=int, help="batches per model run side by side (default 1)")
     p.add_argument("--max-batch-size", type=int, help="default 32 on a GPU, 8 on a CPU")
     p.add_argument("--max-delay-ms", type=float, help="default 2")

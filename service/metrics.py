@@ -57,7 +57,9 @@ QUEUE_IMAGES = Gauge("fpet_queue_images", "Images waiting for a batch", ["model"
 IN_FLIGHT = Gauge("fpet_requests_in_flight", "Requests being handled", ["model"], multiprocess_mode="livesum")
 READY = Gauge("fpet_model_ready", "1 when the model is loaded and warm", ["model"], multiprocess_mode="livemin")
 INFO = Gauge(
-    "fpet_model_info", "Served model", ["model", "version", "backbone", "provider", "precision", "schedule"],
+    "fpet_model_info", "Served model: `precision` is the bundle's, `compute_precision` what the runtime computes in",
+    ["model", "version", "backbone", "provider", "precision", "schedule", "runtime", "compute_precision",
+     "cpu_features"],
     multiprocess_mode="liveall",
 )  # fmt: skip
 GFLOPS = Gauge(

@@ -1,4 +1,5 @@
-"""One onnxruntime session per bundle, the provider it really got, and preprocessing as the manifest says."""
+"""One session per bundle (onnxruntime, or OpenVINO on CPUs with a bf16 matrix engine), the provider and precision
+it really got, and preprocessing as the manifest says."""
 
 from __future__ import annotations
 
@@ -13,11 +14,12 @@ from PIL import Image
 
 from export.bundle import read_manifest
 from fpet.imaging import normalize, resize_rgb
+from fpet.runtimes import OpenVinoSession, choose, cpu_features
 from fpet.sessions import OPTIMIZATION, create_session
 from service.errors import ServiceError
 
 log = logging.getLogger("fpet.service")
-CUDA, CPU = "CUDAExecutionProvider", "CPUExecutionProvider"
+CUDA, CPU, OPENVINO = "CUDAExecutionProvider", "CPUExecutionProvider", "OpenVINO CPU"
 
 
 def requested_providers(choice: str) -> list[str]:
@@ -41,10 +43,18 @@ class Task:
 
 
 class ModelRunner:
-    """A loaded bundle. `run` is called from a worker thread; onnxruntime releases the GIL while it computes."""
+    """A loaded bundle. `run` is called from worker threads (`instances` at once); both runtimes release the GIL
+    while they compute."""
 
-    def __init__(self, bundle: str | Path, providers: str = "auto", threads: int = 0):
-
+    def __init__(
+        self,
+        bundle: str | Path,
+        providers: str = "auto",
+        threads: int = 0,
+        runtime: str = "auto",
+        precision: str = "auto",
+        instances: int = 1,
+    ):
         start = time.perf_counter()
         self.bundle = Path(bundle)
         self.manifest = read_manifest(self.bundle)
@@ -59,15 +69,22 @@ class ModelRunner:
         self.img_size, self.mean, self.std = pre["img_size"], pre["mean"], pre["std"]
         self.dtype = np.float16 if self.manifest["precision"] == "fp16" else np.float32
         self.requested = requested_providers(providers)
-        optimization = self.manifest.get("onnxruntime", {}).get("graph_optimization_level", OPTIMIZATION)
-        self.session = create_session(
-            self.bundle / self.manifest["files"]["onnx"], self.requested, threads, optimization
-        )
-        self.provider: str = self.session.get_providers()[0]
+        self.cpu_features = cpu_features()
+        choice = choose(runtime, precision, bundle_precision=self.manifest["precision"],
+                        gpu=self.requested[0] == CUDA, features=self.cpu_features)  # fmt: skip
+        self.runtime, self.precision, self.runtime_reason = choice.runtime, choice.precision, choice.reason
+        model = self.bundle / self.manifest["files"]["onnx"]
+        if self.runtime == "openvino":
+            self.session = OpenVinoSession(model, self.precision, threads * instances, instances)
+            self.provider = OPENVINO
+        else:
+            optimization = self.manifest.get("onnxruntime", {}).get("graph_optimization_level", OPTIMIZATION)
+            self.session = create_session(model, self.requested, threads, optimization)
+            self.provider = self.session.get_providers()[0]
         self.fell_back = self.requested[0] == CUDA and self.provider != CUDA
         if self.fell_back:
             log.error("%s: CUDA was asked for but onnxruntime runs on %s", self.name, self.provider)
-        self.input_name = self.session.get_inputs()[0].name
+        self.input_name = self.manifest["input"]["name"]
         self.output_name = self.manifest["output"]["name"]
         self.merge_maps: dict | None = self.manifest.get("merge_maps")  # None: no merges, or an older bundle
         self.io_binding = self.on_gpu  # bound buffers: one host-to-device copy per batch, no per-run allocation

@@ -19,11 +19,16 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     workers: int = Field(1, ge=1, description="uvicorn workers; on a GPU scale with replicas instead")
+    runtime: Literal["auto", "onnxruntime", "openvino"] = Field(
+        "auto", description="auto: OpenVINO where the CPU has a bf16 matrix engine (AMX, AVX512-BF16) and no GPU is "
+        "used, onnxruntime elsewhere",
+    )  # fmt: skip
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="compute precision; auto: bf16 with OpenVINO, the bundle's own with onnxruntime"
+    )
     providers: Literal["auto", "cpu", "cuda"] = "auto"
     allow_cpu_fallback: bool = Field(True, description="serve on CPU when CUDA was asked for but is unavailable")
-    threads: int = Field(
-        0, ge=0, description="onnxruntime intra-op threads per instance (0: the cores split between the instances)"
-    )
+    threads: int = Field(0, ge=0, description="threads per instance (0: the cores split between the instances)")
     instances: int = Field(
         1, ge=1, description="batches of one model run side by side (Triton's instance count); more: throughput "
         "under load, fewer: latency when idle",

@@ -112,7 +112,8 @@ def load(state: State) -> None:
     """Load and warm every bundle (in a worker thread: this takes seconds)."""
     settings = state.settings
     for path in bundle_paths(settings):
-        runner = ModelRunner(path, settings.providers, session_threads(settings))
+        runner = ModelRunner(path, settings.providers, session_threads(settings), settings.runtime, settings.precision,
+                             settings.instances)  # fmt: skip
         if runner.name in state.runners:
             raise ServiceError(500, "internal_error", f"two bundles serve the variant {runner.name!r}")
         runner.warm_up(state.max_batch(runner))
@@ -120,14 +121,15 @@ def load(state: State) -> None:
         metrics.initialise(runner.name, list(runner.tasks))
         m = runner.manifest
         metrics.INFO.labels(runner.name, m["version"], m["backbone"]["name"], runner.provider, m["precision"],
-                            m["schedule"]).set(1)  # fmt: skip
+                            m["schedule"], runner.runtime, runner.precision,
+                            ",".join(runner.cpu_features)).set(1)  # fmt: skip
         metrics.GFLOPS.labels(runner.name).set(2 * m["gmacs"])
         metrics.LOAD_SECONDS.labels(runner.name).set(runner.load_seconds)
         metrics.WARMUP_SECONDS.labels(runner.name).set(runner.warmup_seconds)
         if runner.fell_back:
             metrics.FALLBACKS.labels(runner.name).inc()
-        log.info("%s ready on %s (load %.1f s, warm-up %.1f s)", runner.name, runner.provider,
-                 runner.load_seconds, runner.warmup_seconds)  # fmt: skip
+        log.info("%s ready on %s, %s (%s; load %.1f s, warm-up %.1f s)", runner.name, runner.provider,
+                 runner.precision, runner.runtime_reason, runner.load_seconds, runner.warmup_seconds)  # fmt: skip
 
 
 def session_threads(settings: Settings) -> int:

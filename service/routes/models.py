@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Query
 
 import fpet
+from fpet.runtimes import cpu_features, openvino_installed
 from service import oip
 from service.errors import ServiceError
 from service.runtime import ModelRunner
@@ -22,12 +23,15 @@ def metadata(state: State, runner: ModelRunner, task: str | None = None) -> dict
     settings = state.settings
     classes = len(runner.task(task).labels) if task or not runner.tasks else m["num_classes"]
     return {
-        "name": task or runner.name, "versions": [m["version"]], "platform": "onnxruntime_onnx",
+        "name": task or runner.name, "versions": [m["version"]],
+        "platform": "openvino" if runner.runtime == "openvino" else "onnxruntime_onnx",
         "inputs": [{"name": oip.IMAGE, "datatype": "BYTES", "shape": [-1]},
                    {"name": oip.PIXELS, "datatype": "FP32", "shape": [-1, 3, size, size]}],
         "outputs": [{"name": name, "datatype": "FP32", "shape": [-1, classes]} for name in oip.OUTPUTS],
         "execution_provider": runner.provider, "requested_providers": runner.requested,
-        "provider_fallback": runner.fell_back, "precision": m["precision"], "classes": classes,
+        "provider_fallback": runner.fell_back, "precision": m["precision"], "runtime": runner.runtime,
+        "compute_precision": runner.precision, "runtime_reason": runner.runtime_reason,
+        "cpu_features": list(runner.cpu_features), "classes": classes,
         "backbone": m["backbone"]["name"], "method": m["method"], "schedule": m["schedule"],
         "tokens_per_block": m["tokens_per_block"], "gmacs_per_image": m["gmacs"], "gflops_per_image": 2 * m["gmacs"],
         "preprocessing": m["preprocessing"], "ready": state.ready,
@@ -89,9 +93,19 @@ async def info(state: StateDep) -> dict:
     settings = state.settings
     return {
         "name": "fpet", "version": fpet.__version__, "onnxruntime": onnxruntime.__version__,
+        "openvino": openvino_version(), "cpu_features": list(cpu_features()), "runtime": settings.runtime,
+        "precision": settings.precision,
         "available_providers": onnxruntime.get_available_providers(), "ready": state.ready,
         "draining": state.draining, "reason": state.reason or None, "default_model": settings.default_model,
         "limits": {"max_bytes": settings.max_bytes, "max_pixels": settings.max_pixels,
                    "max_images": settings.max_images, "deadline_ms": settings.deadline_ms},
         "models": {n: metadata(state, r) for n, r in state.runners.items()},
     }  # fmt: skip
+
+
+def openvino_version() -> str | None:
+    if not openvino_installed():
+        return None
+    import openvino
+
+    return openvino.__version__
