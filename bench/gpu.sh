@@ -21,9 +21,9 @@ mkdir -p "$OUT"
 status=0
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$OUT/gpu.csv" 2>&1
 "$PYTHON" -c "import onnxruntime as o; print(o.__version__, o.get_available_providers())" > "$OUT/onnxruntime.txt" 2>&1
-ORT_RUNTIMES=onnx
+ORT_RUNTIMES=onnxruntime
 if "$PYTHON" -c "import onnxruntime as o, sys; sys.exit('TensorrtExecutionProvider' not in o.get_available_providers())"; then
-  ORT_RUNTIMES=onnx,onnx-tensorrt
+  ORT_RUNTIMES=onnxruntime,onnxruntime-tensorrt
 fi
 
 for precision in fp32 fp16 int8; do

@@ -1,6 +1,7 @@
-"""onnxruntime speed of exported bundles, side by side: median ms per image per bundle, batch size and
-graph-optimisation level, with the runs interleaved so that machine drift hits every bundle alike; optionally each
-bundle's accuracy on a labelled split, so that a faster precision shows what it costs."""
+"""Speed of exported bundles side by side, per runtime and compute precision: median ms per image per bundle, runtime
+(onnxruntime, OpenVINO), precision and batch size, with the runs interleaved so that machine drift hits every setup
+alike; optionally each setup's accuracy on a labelled split and its top-1 agreement with the same bundle run by
+onnxruntime in the precision it was exported in, so that a faster precision shows what it costs."""
 
 from __future__ import annotations
 
@@ -8,24 +9,70 @@ import json
 import statistics
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from export.bundle import read_manifest
 from fpet.errors import FpetError
-from fpet.sessions import create_session
+from fpet.runtimes import OpenVinoSession, choose, cpu_features
+from fpet.sessions import OPTIMIZATION, create_session
 
 LEVELS = ("ORT_ENABLE_BASIC", "ORT_ENABLE_ALL")
+RUNTIMES = ("onnxruntime", "openvino")
+PRECISIONS = ("fp32", "bf16", "fp16", "int8")
 
 
-def precision(manifest: dict) -> str:
+@dataclass(frozen=True)
+class Setup:
+    """One way of running one bundle: `level` is onnxruntime's graph optimisation (None for OpenVINO)."""
+
+    bundle: int
+    runtime: str
+    precision: str
+    level: str | None
+
+
+def bundle_precision(manifest: dict) -> str:
     quantization = manifest.get("quantization")
     return f"{manifest['precision']} {quantization['mode']}" if quantization else manifest["precision"]
 
 
-def session(bundle: Path, level: str, threads: int):
-    return create_session(bundle / read_manifest(bundle)["files"]["onnx"], threads=threads, optimization=level)
+def runs_here(manifest: dict, runtime: str, precision: str) -> bool:
+    """Whether `runtime` computes this bundle in `precision` on this machine (fpet.runtimes decides, as the
+    service's does); int8 is an int8 bundle's own precision."""
+    own = manifest["precision"]
+    if (precision == "int8") != (own == "int8"):
+        return False
+    try:
+        choice = choose(runtime, "auto" if precision == "int8" else precision, bundle_precision=own)
+    except FpetError:
+        return False
+    return choice.precision == precision
+
+
+def setups(manifests: list[dict], runtimes: tuple[str, ...], precisions: tuple[str, ...], levels: tuple[str, ...]):
+    found = []
+    for i, manifest in enumerate(manifests):
+        for runtime in runtimes:
+            for precision in precisions:
+                if runs_here(manifest, runtime, precision):
+                    found += [Setup(i, runtime, precision, level) for level in levels] if runtime == "onnxruntime" \
+                        else [Setup(i, runtime, precision, None)]  # fmt: skip
+    if not found:
+        raise FpetError(f"none of runtimes {', '.join(runtimes)} computes these bundles in {', '.join(precisions)} "
+                        f"on this machine (CPU features: {', '.join(cpu_features()) or 'none found'})")  # fmt: skip
+    return found
+
+
+def session(bundle: Path, setup: Setup, threads: int, callers: int = 1):
+    """onnxruntime: one session of `threads` intra-op threads that the callers share; OpenVINO: one stream per
+    caller, `threads` each, as the service's instances are."""
+    model = bundle / read_manifest(bundle)["files"]["onnx"]
+    if setup.runtime == "openvino":
+        return OpenVinoSession(model, setup.precision, threads * callers, callers)
+    return create_session(model, threads=threads, optimization=setup.level or OPTIMIZATION)
 
 
 def timed_runs(sess, outputs: list[str], feed: dict, min_seconds: float, callers: int = 1) -> tuple[int, float]:
@@ -60,42 +107,59 @@ def bench_bundles(
     min_seconds: float = 0.5,
     threads: int = 2,
     callers: int = 1,
+    runtimes: tuple[str, ...] = ("onnxruntime",),
+    precisions: tuple[str, ...] = ("fp32", "fp16", "int8"),
 ) -> list[dict]:
     if callers < 1:
         raise FpetError(f"callers must be at least 1, not {callers}")
     manifests = [read_manifest(b) for b in bundles]
-    sessions = {(i, level): session(b, level, threads) for i, b in enumerate(bundles) for level in levels}
-    samples: dict[tuple, list[float]] = {}
-    outputs = [[m["output"]["name"]] for m in manifests]  # logits only, as the service asks
+    sessions = {s: session(bundles[s.bundle], s, threads, callers) for s in setups(manifests, runtimes, precisions,
+                                                                                     levels)}  # fmt: skip
+    samples: dict[tuple[Setup, int], list[float]] = {}
     for batch in batch_sizes:
         inputs = [np.random.default_rng(0).random((batch, 3, m["img_size"], m["img_size"]), dtype=np.float32)
-                  for m in manifests]  # fmt: skip
-        for key, sess in sessions.items():  # warm-up: first runs allocate and pick kernels
-            sess.run(outputs[key[0]], {sess.get_inputs()[0].name: inputs[key[0]]})
+                  .astype(np.float16 if m["precision"] == "fp16" else np.float32) for m in manifests]  # fmt: skip
+        feeds = [{m["input"]["name"]: x} for m, x in zip(manifests, inputs, strict=True)]
+        outputs = [[m["output"]["name"]] for m in manifests]  # logits only, as the service asks
+        for setup, sess in sessions.items():  # warm-up: first runs allocate and pick kernels
+            sess.run(outputs[setup.bundle], feeds[setup.bundle])
         for _ in range(repeats):
-            for (i, level), sess in sessions.items():
-                feed = {sess.get_inputs()[0].name: inputs[i]}
-                runs, elapsed = timed_runs(sess, outputs[i], feed, min_seconds, callers)
-                samples.setdefault((i, level, batch), []).append(1000 * elapsed / (runs * batch))
+            for setup, sess in sessions.items():
+                runs, elapsed = timed_runs(sess, outputs[setup.bundle], feeds[setup.bundle], min_seconds, callers)
+                samples.setdefault((setup, batch), []).append(1000 * elapsed / (runs * batch))
     rows = []
-    for (i, level, batch), ms in samples.items():
+    for (setup, batch), ms in samples.items():
+        m = manifests[setup.bundle]
         rows.append({
-            "bundle": str(bundles[i]), "variant": manifests[i]["variant"], "precision": precision(manifests[i]),
-            "schedule": manifests[i]["schedule"], "threads": threads, "callers": callers,
-            "gmacs": manifests[i]["gmacs"], "optimization": level, "batch_size": batch,
+            "bundle": str(bundles[setup.bundle]), "variant": m["variant"], "bundle_precision": bundle_precision(m),
+            "runtime": setup.runtime, "precision": setup.precision, "schedule": m["schedule"], "threads": threads,
+            "callers": callers, "gmacs": m["gmacs"], "optimization": setup.level or "-", "batch_size": batch,
             "ms_per_image": statistics.median(ms), "ms_range": [min(ms), max(ms)],
             "images_per_s": 1000 / statistics.median(ms),
         })  # fmt: skip
+    first = str(bundles[0])
     for row in rows:
-        base = next(r for r in rows if r["bundle"] == str(bundles[0]) and r["optimization"] == row["optimization"]
-                    and r["batch_size"] == row["batch_size"])  # fmt: skip
-        row["speedup_vs_first"] = base["ms_per_image"] / row["ms_per_image"]
-        row["ideal_speedup_vs_first"] = base["gmacs"] / row["gmacs"]
+        same = [r for r in rows if r["bundle"] == first and r["batch_size"] == row["batch_size"]]
+        base = next((r for r in same if (r["runtime"], r["precision"], r["optimization"])
+                     == (row["runtime"], row["precision"], row["optimization"])), None)  # fmt: skip
+        reference = next((r for r in same if r["runtime"] == "onnxruntime" and r["precision"] == "fp32"
+                          and r["optimization"] in ("ORT_ENABLE_ALL", "-")), None)  # fmt: skip
+        row["speedup_vs_first"] = base["ms_per_image"] / row["ms_per_image"] if base else None
+        row["speedup_vs_onnxruntime_fp32"] = reference["ms_per_image"] / row["ms_per_image"] if reference else None
+        row["ideal_speedup_vs_first"] = manifests[0]["gmacs"] / row["gmacs"]
     return rows
 
 
-def bundle_accuracy(bundle: Path, data: Path, split: str = "test", batch_size: int = 64, threads: int = 2) -> dict:
-    """Top-1 accuracy of a bundle on every image of a split, through the bundle's own preprocessing."""
+def bundle_predictions(
+    bundle: Path,
+    data: Path,
+    split: str = "test",
+    batch_size: int = 64,
+    threads: int = 2,
+    runtime: str = "onnxruntime",
+    precision: str | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top-1 predictions and labels of a bundle on every image of a split, through the bundle's own preprocessing."""
     from training.data import Preprocessing, open_split
 
     manifest = read_manifest(bundle)
@@ -104,34 +168,50 @@ def bundle_accuracy(bundle: Path, data: Path, split: str = "test", batch_size: i
     if source is None:
         raise FpetError(f"{data} has no {split} split")
     pre = Preprocessing.from_dict(manifest["preprocessing"])
-    sess = session(bundle, manifest.get("onnxruntime", {}).get("graph_optimization_level", LEVELS[-1]), threads)
+    setup = Setup(0, runtime, precision or manifest["precision"],
+                  manifest.get("onnxruntime", {}).get("graph_optimization_level", LEVELS[-1]))  # fmt: skip
+    sess = session(bundle, setup, threads)
     dtype = np.float16 if manifest["precision"] == "fp16" else np.float32
-    correct = total = 0
+    predicted, truth = [], []
     for start in range(0, len(source), batch_size):
         decoded = source.decode(range(start, min(start + batch_size, len(source))), pre)
         x = pre.to_input(decoded.pixels).numpy().astype(dtype)
-        logits = sess.run([manifest["output"]["name"]], {sess.get_inputs()[0].name: x})[0]
-        correct += int((logits.argmax(-1) == decoded.labels.numpy()).sum())
-        total += len(decoded)
-    return {"split": split, "images": total, "accuracy": 100 * correct / total}
+        logits = sess.run([manifest["output"]["name"]], {manifest["input"]["name"]: x})[0]
+        predicted.append(logits.argmax(-1))
+        truth.append(decoded.labels.numpy())
+    return np.concatenate(predicted), np.concatenate(truth)
+
+
+def bundle_accuracy(bundle: Path, data: Path, split: str = "test", batch_size: int = 64, threads: int = 2) -> dict:
+    """Top-1 accuracy of a bundle on every image of a split, run by onnxruntime in the bundle's own precision."""
+    predicted, truth = bundle_predictions(bundle, data, split, batch_size, threads)
+    return {"split": split, "images": len(truth), "accuracy": 100 * int((predicted == truth).sum()) / len(truth)}
 
 
 def markdown(rows: list[dict]) -> str:
     setups = sorted({(r["threads"], r["callers"]) for r in rows})
     lines = [
-        "; ".join(f"{t or 'onnxruntime default'} intra-op threads, {c} caller(s) per session" for t, c in setups),
+        "; ".join(f"threads per caller: {t or 'the runtime default'}, callers per session: {c}" for t, c in setups),
         "",
-        "| bundle | variant | precision | schedule | GMACs | ORT optimisation | batch | ms/image (median) | range | "
-        "speedup | ideal | accuracy |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| bundle | variant | runtime | precision | schedule | GMACs | ORT optimisation | batch | ms/image (median) | "
+        "range | speedup | vs ORT fp32 | ideal | accuracy | top-1 agreement |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in sorted(rows, key=lambda r: (r["optimization"], r["batch_size"], r["bundle"])):
+
+    def ratio(value: float | None) -> str:
+        return "-" if value is None else f"{value:.2f}x"
+
+    for r in sorted(rows, key=lambda r: (r["batch_size"], r["runtime"], r["precision"], r["optimization"],
+                                         r["bundle"])):  # fmt: skip
         lo, hi = r["ms_range"]
         accuracy = f"{r['accuracy']['accuracy']:.2f}%" if r.get("accuracy") else "-"
+        agreement = (r.get("accuracy") or {}).get("top1_agreement")
+        agreement = "-" if agreement is None else f"{agreement:.2f}%"
+        name = "/".join(Path(r["bundle"]).parts[-2:])
         lines.append(
-            f"| {Path(r['bundle']).name} | {r['variant']} | {r['precision']} | `{r['schedule']}` | {r['gmacs']:.3f} | "
-            f"{r['optimization']} | "
-            f"{r['batch_size']} | {r['ms_per_image']:.2f} | {lo:.2f}-{hi:.2f} | {r['speedup_vs_first']:.2f}x | "
-            f"{r['ideal_speedup_vs_first']:.2f}x | {accuracy} |"
+            f"| {name} | {r['variant']} | {r['runtime']} | {r['precision']} | `{r['schedule']}` | "
+            f"{r['gmacs']:.3f} | {r['optimization']} | {r['batch_size']} | {r['ms_per_image']:.2f} | "
+            f"{lo:.2f}-{hi:.2f} | {ratio(r['speedup_vs_first'])} | {ratio(r['speedup_vs_onnxruntime_fp32'])} | "
+            f"{r['ideal_speedup_vs_first']:.2f}x | {accuracy} | {agreement} |"
         )
     return "\n".join(lines) + "\n"

@@ -292,7 +292,7 @@ def cmd_bench_model(args: argparse.Namespace) -> None:
     rows = bench_model(
         args.backbone, args.img_size, args.schedules.split(","), args.runtimes.split(","),
         [int(b) for b in args.batch_sizes.split(",")], threads=args.threads, device=args.device,
-        precision=args.precision, repeats=args.repeats, min_seconds=args.min_seconds,
+        precisions=args.precisions.split(","), repeats=args.repeats, min_seconds=args.min_seconds,
         log=lambda message: print(message, file=sys.stderr),
     )  # fmt: skip
     write_results(args.out, "results", rows, markdown(rows))
@@ -311,19 +311,31 @@ def cmd_bench_onnx(args: argparse.Namespace) -> None:
 
         bundles = [default_bundle_dir("backbone"), default_bundle_dir("fpet")]
     rows = bench_bundles(
-        bundles, [int(b) for b in args.batch_sizes.split(",")], repeats=args.repeats, threads=args.threads,
-        callers=args.callers,
+        bundles, [int(b) for b in args.batch_sizes.split(",")], tuple(args.optimization.split(",")),
+        repeats=args.repeats, threads=args.threads, callers=args.callers, runtimes=tuple(args.runtimes.split(",")),
+        precisions=tuple(args.precisions.split(",")),
     )  # fmt: skip
     if args.data:
-        from bench.onnx_runtime import bundle_accuracy
-
-        for bundle in bundles:
-            print(f"accuracy of {bundle} on {args.data} ...", file=sys.stderr)
-            accuracy = bundle_accuracy(bundle, Path(args.data), threads=args.threads)
-            for row in rows:
-                if row["bundle"] == str(bundle):
-                    row["accuracy"] = accuracy
+        add_accuracy(rows, Path(args.data), args.threads)
     write_results(args.out, "onnx_results", rows, markdown(rows))
+
+
+def add_accuracy(rows: list[dict], data: Path, threads: int) -> None:
+    """Each bundle's accuracy per runtime and precision on every test image, and its top-1 agreement with the same
+    bundle in onnxruntime at the precision it was exported in."""
+    from bench.onnx_runtime import bundle_predictions
+
+    found: dict[tuple[str, str, str], dict] = {}
+    for row in rows:
+        key = (row["bundle"], row["runtime"], row["precision"])
+        if key not in found:
+            print(f"accuracy of {row['bundle']} ({row['runtime']} {row['precision']}) on {data} ...", file=sys.stderr)
+            predicted, truth = bundle_predictions(Path(row["bundle"]), data, threads=threads, runtime=row["runtime"],
+                                                  precision=row["precision"])  # fmt: skip
+            reference, _ = bundle_predictions(Path(row["bundle"]), data, threads=threads)
+            found[key] = {"split": "test", "images": len(truth), "accuracy": 100 * float((predicted == truth).mean()),
+                          "top1_agreement": 100 * float((predicted == reference).mean())}  # fmt: skip
+        row["accuracy"] = found[key]
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -584,14 +596,16 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
                    help="comma-separated; + joins the points of one schedule")  # fmt: skip
     p.add_argument(
         "--runtimes",
-        default="torch,onnx,torchscript",
-        help="comma-separated: torch, onnx, torchscript, onnx-tensorrt (GPU, onnxruntime's TensorRT)",
+        default="torch,onnxruntime,torchscript",
+        help="comma-separated: torch, onnxruntime (or onnx), torchscript, openvino (CPUs), onnxruntime-tensorrt (or "
+        "onnx-tensorrt; GPU, onnxruntime's TensorRT)",
     )
     p.add_argument("--batch-sizes", default="1,8")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16", "int8"],
-                   help="int8: onnxruntime-quantized graphs, onnx runtimes only")  # fmt: skip
+    p.add_argument("--precisions", "--precision", dest="precisions", default="fp32",
+                   help="comma-separated: fp32, fp16, bf16, int8 (onnxruntime-quantized graphs, onnxruntime only); "
+                   "each runtime runs those it can here")  # fmt: skip
     p.add_argument("--repeats", type=int, default=3, help="interleaved repeats")
     p.add_argument("--min-seconds", type=float, default=0.5, help="shortest sample")
     p.add_argument("--out", default="bench-results/model")
@@ -614,21 +628,32 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_bench_train)
 
     p = bench.add_parser(
-        "onnx", help="onnxruntime ms per image of bundles, side by side (default: the default backbone and fpet)",
+        "onnx", help="ms per image of bundles side by side, per runtime and precision (default: the default backbone "
+        "and fpet)",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )  # fmt: skip
     p.add_argument("--bundle", action="append", help="bundle folder (repeat); the first is the baseline")
     p.add_argument("--batch-sizes", default="1,8")
+    p.add_argument("--runtimes", default="onnxruntime", help="comma-separated: onnxruntime, openvino")
+    p.add_argument(
+        "--precisions", default="fp32,fp16,int8",
+        help="comma-separated compute precisions: fp32, bf16, fp16 (OpenVINO computes an fp32 bundle in any it has), "
+        "int8 (int8 bundles); what a runtime cannot compute here is left out",
+    )  # fmt: skip
+    p.add_argument("--optimization", default="ORT_ENABLE_ALL", help="onnxruntime graph optimisation levels")
     p.add_argument("--repeats", type=int, default=5, help="interleaved repeats of at least 0.5 s each")
-    p.add_argument("--threads", type=int, default=2, help="intra-op threads per session (0: onnxruntime's choice)")
+    p.add_argument("--threads", type=int, default=2, help="threads per caller (0: the runtime's choice)")
     p.add_argument(
         "--callers",
         type=int,
         default=1,
         help="threads running each session at once, like `fpet serve --instances N` (then set --threads "
-        "to the service's per-session threads); ms/image is then wall time over all callers' images",
+        "to the service's per-instance threads); ms/image is then wall time over all callers' images",
     )
-    p.add_argument("--data", help="also measure each bundle's accuracy on every image of this data's test split")
+    p.add_argument(
+        "--data", help="also measure each setup's accuracy on every image of this data's test split, and its top-1 "
+        "agreement with the bundle in onnxruntime at its own precision",
+    )  # fmt: skip
     p.add_argument("--out", default="bench-results")
     p.set_defaults(func=cmd_bench_onnx)
 

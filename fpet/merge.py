@@ -58,7 +58,7 @@ def similarity(metric: Tensor, a_idx: Tensor, b_idx: Tensor) -> Tensor:
         metric = metric / torch.linalg.vector_norm(metric, dim=-1, keepdim=True).clamp_min(1e-6)
         a, b = metric.index_select(1, a_idx), metric.index_select(1, b_idx)
         scores = (a.unsqueeze(2) * b.unsqueeze(1)).sum(dim=-1)
-    return torch.cat([torch.full_like(scores[..., :1], float("-inf")), scores[..., 1:]], dim=-1)
+        return scores + torch.tensor([float("-inf")] + [0.0] * (b_idx.numel() - 1), device=metric.device)
 
 
 def one_hot(indices: Tensor, n: int) -> Tensor:
@@ -81,40 +81,51 @@ def fpet_assignment(scores: Tensor) -> Tensor:
     return soft + (hard_assignment(scores) - soft).detach()
 
 
-def select_rows(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """Rows of A to merge (the k with the strongest best match, as ToMe) and the rows to keep."""
-    order = scores.max(dim=-1).values.argsort(dim=-1, descending=True)
-    return order[:, :k], order[:, k:]
-
-
 @functools.lru_cache(maxsize=64)
-def _sequence_order(a: tuple[int, ...], b: tuple[int, ...]) -> list[int]:
-    """For each sequence position, its column among [B tokens, then A tokens]."""
-    columns = {position: column for column, position in enumerate(b + a)}
-    return [columns[position] for position in range(len(columns))]
+def _layout(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[list[bool], list[int], list[int], list[int]]:
+    """Per sequence position: whether it is in B, its index in B, its index in A (0 in B), and its column among
+    [the B tokens, then the A tokens]."""
+    in_b = [False] * (len(a) + len(b))
+    b_pos, a_pos, column = [0] * len(in_b), [0] * len(in_b), [0] * len(in_b)
+    for i, position in enumerate(b):
+        in_b[position], b_pos[position], column[position] = True, i, i
+    for i, position in enumerate(a):
+        a_pos[position], column[position] = i, len(b) + i
+    return in_b, b_pos, a_pos, column
 
 
-def merge_matrix(scores: Tensor, a_idx: Tensor, b_idx: Tensor, k: int, learned: bool) -> Tensor:
-    """[B, tokens out, tokens in], 0/1 in the forward pass: output token j is the union of the input tokens in row j.
-
-    Output order: the B tokens (cls first, each with the A tokens it absorbed), then the A tokens kept (best
-    matched first). `learned` takes FPET's straight-through assignment, so the matching trains through it;
-    otherwise the hard one-hot (ToMe, and FPET at deployment, where both agree in the forward pass).
-    """
+def destinations(scores: Tensor, a_idx: Tensor, b_idx: Tensor, k: int) -> Tensor:
+    """[B, N] int64, per input token the output token it joins. Output order: the B tokens (cls first), then the A
+    tokens kept, best matched first; the k A tokens with the strongest best match (all of A for k = |A|, as in
+    FPET; ToMe's r otherwise) join their best B token, the others are kept."""
     n_a, n_b = a_idx.numel(), b_idx.numel()
-    assign = fpet_assignment(scores) if learned else hard_assignment(scores)
-    into_b = assign.transpose(-1, -2)  # [B, |B|, |A|]
-    kept_rows = None
+    row = scores.argmax(dim=-1)  # [B, |A|]: each A token's best B token
     if k < n_a:
-        merging, kept = select_rows(scores, k)
-        into_b = into_b * one_hot(merging, n_a).sum(dim=1, keepdim=True)  # only the k rows chosen merge
-        kept_rows = one_hot(kept, n_a)
-    eye = torch.eye(n_b, device=scores.device).expand(scores.shape[0], -1, -1)
-    rows = torch.cat([eye, into_b], dim=-1)  # columns: the B tokens, then the A tokens
-    if kept_rows is not None:
-        rows = torch.cat([rows, torch.cat([kept_rows.new_zeros(*kept_rows.shape[:2], n_b), kept_rows], -1)], 1)
-    order = _sequence_order(tuple(a_idx.tolist()), tuple(b_idx.tolist()))
-    return rows.index_select(-1, torch.tensor(order, device=scores.device))
+        rank = scores.max(dim=-1).values.argsort(dim=-1, descending=True).argsort(dim=-1)
+        row = torch.where(rank < k, row, n_b + rank - k)
+    in_b, b_pos, a_pos, _ = _layout(tuple(a_idx.tolist()), tuple(b_idx.tolist()))
+    device = scores.device
+    return torch.where(torch.tensor(in_b, device=device), torch.tensor(b_pos, device=device),
+                       row.index_select(1, torch.tensor(a_pos, device=device)))  # fmt: skip
+
+
+def merge_matrix(scores: Tensor, dest: Tensor, a_idx: Tensor, b_idx: Tensor, k: int, learned: bool) -> Tensor:
+    """[B, tokens out, tokens in], 0/1 in the forward pass: output token j is the union of the input tokens in row j
+    (`dest`: the `destinations` of these scores). `learned` adds FPET's straight-through gradient to the rows, zero
+    in the forward pass, so the matching trains through the merge; deployment (and ToMe) takes the hard rows alone."""
+    n_a, n_b = a_idx.numel(), b_idx.numel()
+    n_out = n_a + n_b - k
+    rows = (dest.unsqueeze(1) == torch.arange(n_out, device=scores.device).unsqueeze(-1)).float()
+    if not learned:
+        return rows
+    assign = fpet_assignment(scores)
+    gradient = (assign - assign.detach()).transpose(-1, -2)  # [B, |B|, |A|], zero
+    if k < n_a:  # only the rows that merge learn from it
+        gradient = gradient * (dest.index_select(1, a_idx) < n_b).unsqueeze(1)
+    columns = _layout(tuple(a_idx.tolist()), tuple(b_idx.tolist()))[3]
+    top = torch.cat([gradient.new_zeros(gradient.shape[0], n_b, n_b), gradient], dim=-1)
+    top = top.index_select(-1, torch.tensor(columns, device=scores.device))
+    return rows + torch.cat([top, top.new_zeros(top.shape[0], n_out - n_b, top.shape[-1])], dim=1)
 
 
 def merge_tokens(
@@ -129,24 +140,27 @@ def merge_tokens(
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """Merge k of the A tokens into B by size-weighted mean; returns the tokens, their sizes and `groups`.
 
-    `size` None: every token stands for one patch (before the first merge). The mixing weights are built in fp32
-    from the merge matrix and the sizes, normalised (at most 1, summing to 1 per output token) so that the products
-    stay in the tokens' range in fp16, then cast to the tokens' precision: the only op that touches the tokens is one
-    matrix product in their own precision, with no gather, no scatter and no fp32 elementwise op on the token path.
+    `size` None: every token stands for one patch (before the first merge). The mixing weights are built from the
+    merge matrix and the sizes, normalised (at most 1, summing to 1 per output token) so that the products stay in
+    the tokens' range in fp16, then cast to the tokens' precision: the only op that touches the tokens is one matrix
+    product in their own precision (cls aside), with no gather, no scatter and no fp32 elementwise op on the token path.
 
     `groups` ([B, patches], int64: the token each original patch is in) follows each input token to its output
-    row by gathers. As a graph output (the merge maps) it ties the matching to the graph's tail with no matrix
+    token by gathers. As a graph output (the merge maps) it ties the matching to the graph's tail with no matrix
     product between them, and runtimes keep a graph's tail in fp32 when they lower the rest (OpenVINO's CPU plugin
     does for bf16 and fp16): that is what holds the matching in fp32 in an fp32 graph compiled for bf16.
     """
+    dest = destinations(scores, a_idx, b_idx, k)
     with full_precision(x.device):
-        rows = merge_matrix(scores, a_idx, b_idx, k, learned)
+        rows = merge_matrix(scores, dest, a_idx, b_idx, k, learned)
         weighted = rows if size is None else rows * size.float().transpose(-1, -2)
         new_size = weighted.sum(dim=-1, keepdim=True)
         weights = weighted / new_size
-    merged = weights.to(x.dtype) @ x
+    # cls (first in and out) merges with nothing: leaving it out of the product keeps the inner dimension at the
+    # patch count, even on the usual grids, which AMX's bf16 tiles need (65 runs 2-3x slower than 64 in OpenVINO)
+    merged = torch.cat([x[:, :1], weights[:, 1:, 1:].to(x.dtype) @ x[:, 1:]], dim=1)
     if groups is not None:
-        groups = rows.detach().argmax(dim=1).gather(1, groups)
+        groups = dest.gather(1, groups)
     return merged, new_size, groups
 
 

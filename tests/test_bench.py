@@ -28,7 +28,24 @@ def test_onnx_benchmark_smoke(tmp_path):
     assert all(r["ms_per_image"] > 0 for r in rows)
     fpet = next(r for r in rows if r["variant"] == "fpet")
     assert fpet["ideal_speedup_vs_first"] > 1
-    assert "| fpet | fpet | fp32 | `6:0.5` |" in onnx_markdown(rows)
+    assert "/fpet | fpet | onnxruntime | fp32 | `6:0.5` |" in onnx_markdown(rows)
+
+
+def test_onnx_benchmark_runs_each_bundle_in_every_runtime_and_precision_it_can(tiny_bundles):
+    from bench.onnx_runtime import bench_bundles, runs_here
+    from export.bundle import read_manifest
+    from fpet.runtimes import cpu_features, supports
+
+    bundles = [tiny_bundles["backbone"], tiny_bundles["fpet"]]
+    rows = bench_bundles(bundles, [2], ("ORT_ENABLE_ALL",), repeats=1, min_seconds=0.01, threads=1,
+                         runtimes=("onnxruntime", "openvino"), precisions=("fp32", "bf16"))  # fmt: skip
+    expected = {("onnxruntime", "fp32"), ("openvino", "fp32")} | (
+        {("openvino", "bf16")} if supports("bf16", cpu_features()) else set()
+    )
+    assert {(r["runtime"], r["precision"]) for r in rows if r["variant"] == "fpet"} == expected
+    assert not runs_here(read_manifest(bundles[0]), "onnxruntime", "bf16")  # no bf16 kernels in onnxruntime's CPU
+    fpet = next(r for r in rows if r["variant"] == "fpet" and r["runtime"] == "openvino" and r["precision"] == "fp32")
+    assert fpet["speedup_vs_first"] > 0 and fpet["speedup_vs_onnxruntime_fp32"] > 0
 
 
 def test_onnx_benchmark_callers_share_one_session(tmp_path, monkeypatch):
@@ -68,7 +85,7 @@ def test_onnx_benchmark_callers_share_one_session(tmp_path, monkeypatch):
     rows = onnx_runtime.bench_bundles([tmp_path / "fpet"], [2], ("ORT_ENABLE_ALL",), repeats=1, min_seconds=0.1,
                                       threads=1, callers=2)  # fmt: skip
     assert most == 2 and rows[0]["callers"] == 2 and rows[0]["ms_per_image"] > 0
-    assert "1 intra-op threads, 2 caller(s) per session" in onnx_runtime.markdown(rows)
+    assert "threads per caller: 1, callers per session: 2" in onnx_runtime.markdown(rows)
     with pytest.raises(FpetError, match="callers must be at least 1"):
         onnx_runtime.bench_bundles([tmp_path / "fpet"], [2], callers=0)
 
@@ -76,16 +93,21 @@ def test_onnx_benchmark_callers_share_one_session(tmp_path, monkeypatch):
 def test_model_benchmark_smoke(tmp_path):
     from bench.model import bench_model, plot
     from bench.model import markdown as model_markdown
+    from fpet.runtimes import cpu_features, supports
 
-    rows = bench_model("vit_tiny_patch16_224", 64, ["6:0.5"], ["torch", "onnx"], [2], threads=1, repeats=2,
-                       min_seconds=0.01, log=lambda _: None)  # fmt: skip
-    assert {(r["schedule"], r["runtime"]) for r in rows} == {
-        (s, r) for s in ("none", "6:0.5") for r in ("torch", "onnx")
+    rows = bench_model("vit_tiny_patch16_224", 64, ["6:0.5"], ["torch", "onnx", "openvino"], [2], threads=1,
+                       precisions=["fp32", "bf16"], repeats=2, min_seconds=0.01, log=lambda _: None)  # fmt: skip
+    setups = {("torch", "fp32"), ("onnxruntime", "fp32"), ("openvino", "fp32"), ("torch", "bf16")}
+    if supports("bf16", cpu_features()):
+        setups.add(("openvino", "bf16"))
+    assert {(r["schedule"], r["runtime"], r["precision"]) for r in rows} == {
+        (s, *setup) for s in ("none", "6:0.5") for setup in setups
     }
-    fpet = next(r for r in rows if r["schedule"] == "6:0.5" and r["runtime"] == "torch")
+    assert all(r["speedup_vs_onnxruntime_fp32"] > 0 for r in rows)
+    fpet = next(r for r in rows if r["schedule"] == "6:0.5" and r["runtime"] == "torch" and r["precision"] == "fp32")
     assert fpet["ideal_speedup"] > 1 and 0 < fpet["merge_share_of_time"] < 1
     assert all(r["speedup"] == 1.0 for r in rows if r["schedule"] == "none")
-    assert "| `6:0.5` | onnx | 2 |" in model_markdown(rows)
+    assert "| `6:0.5` | onnxruntime | fp32 | 2 |" in model_markdown(rows)
     assert all(p.stat().st_size > 1000 for p in plot(rows, tmp_path))
 
 
