@@ -75,3 +75,44 @@ def test_split_indices_built_under_inference_mode_work_in_training():
     out, _, _ = merge.merge_tokens(x, torch.ones(2, 64, 1), scores, a, b, 10, learned=True)
     out.sum().backward()
     assert x.grad is not None
+
+
+def test_openvino_bf16_keeps_the_matching_in_fp32_and_everything_the_tokens_pass_through_in_bf16(tiny_bundles):
+    """The graph's precision boundary, as OpenVINO compiles an fp32 bundle for bf16 on a CPU matrix engine: from each
+    argmax back to the linear layers that feed it (normalised keys, scores) everything runs fp32, while every
+    LayerNorm, residual add, linear layer, attention and the merge's own product runs bf16, after the merge too."""
+    import re
+
+    from fpet.runtimes import OpenVinoSession, cpu_features, supports
+
+    if not supports("bf16", cpu_features()):
+        pytest.skip("this CPU has no bf16 matrix engine (AMX-BF16 or AVX512-BF16)")
+    session = OpenVinoSession(tiny_bundles["fpet"] / "model.onnx", "bf16")
+    ops = session.compiled.get_runtime_model().get_ordered_ops()
+
+    def kind(op) -> str:
+        return op.get_rt_info()["layerType"].astype(str)
+
+    def precision(op) -> str:
+        return op.get_rt_info()["runtimePrecision"].astype(str)
+
+    residual = re.compile(r"/blocks\.\d+/Add(_\d+)?")
+    tokens = [op for op in ops if kind(op) in ("MVN", "FullyConnected", "Subgraph", "MatMul")
+              or residual.fullmatch(op.get_friendly_name())]  # fmt: skip
+    assert sum(kind(op) == "MVN" for op in tokens) == 2 * 12 + 1 and any(kind(op) == "MatMul" for op in tokens)
+    widened = [f"{kind(op)} {op.get_friendly_name()}" for op in tokens if precision(op) != "bf16"]
+    assert not widened, f"fp32 on the token path: {widened}"
+
+    matching, todo = {}, [op for op in ops if kind(op) == "TopK"]
+    assert todo, "no argmax in the compiled graph"
+    while todo:
+        op = todo.pop()
+        for source in op.inputs():
+            parent = source.get_source_output().get_node()
+            if kind(parent) not in ("FullyConnected", "Const", "Input") and parent.get_friendly_name() not in matching:
+                matching[parent.get_friendly_name()] = parent
+                todo.append(parent)
+    computed = [op for op in matching.values() if kind(op) in ("Eltwise", "Reduce", "MatMul", "Subgraph")]
+    assert len(computed) >= 4, "the keys' refinement, their norm, the scores' product and sum"
+    lowered = [f"{kind(op)} {op.get_friendly_name()} ({precision(op)})" for op in computed if precision(op) != "f32"]
+    assert not lowered, f"the matching is not fp32: {lowered}"

@@ -1,0 +1,71 @@
+"""Which runtime and precision a machine gets, and OpenVINO sessions as the service and the benchmarks use them."""
+
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from fpet.errors import FpetError
+from fpet.runtimes import Choice, OpenVinoSession, choose, cpu_features, supports
+
+SAPPHIRE_RAPIDS = ("amx_bf16", "amx_int8", "avx512_bf16", "avx512_fp16", "avx512_vnni", "avx512f", "avx2")
+HASWELL = ("avx2",)
+
+
+def test_cpu_features_come_from_the_kernels_flags(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse avx2 avx512f amx_tile amx_bf16 avx512_vnni\n\nflags : x\n")
+    assert cpu_features(cpuinfo) == ("amx_bf16", "avx512_vnni", "avx512f", "avx2")
+    assert cpu_features(tmp_path / "missing") == ()
+    assert supports("bf16", ("avx512_bf16",)) and not supports("bf16", HASWELL) and supports("fp32", ())
+
+
+@pytest.mark.parametrize(
+    ("features", "openvino", "gpu", "expected"),
+    [
+        (SAPPHIRE_RAPIDS, True, False, ("openvino", "bf16")),  # the CPU's matrix engine
+        (HASWELL, True, False, ("onnxruntime", "fp32")),  # no bf16 in hardware: the fastest fp32 path
+        (SAPPHIRE_RAPIDS, False, False, ("onnxruntime", "fp32")),  # OpenVINO not installed
+        (SAPPHIRE_RAPIDS, True, True, ("onnxruntime", "fp32")),  # a GPU: onnxruntime's CUDA provider
+    ],
+)
+def test_auto_takes_openvino_bf16_where_the_cpu_has_a_bf16_matrix_engine(features, openvino, gpu, expected):
+    choice = choose(features=features, openvino=openvino, gpu=gpu)
+    assert (choice.runtime, choice.precision) == expected and choice.reason
+
+
+def test_asked_for_runtimes_and_precisions_hold_or_say_why_not():
+    assert choose(precision="fp32", features=SAPPHIRE_RAPIDS, openvino=True) == Choice(
+        "onnxruntime", "fp32", "fp32 asked for (onnxruntime's fp32 is as fast as OpenVINO's)"
+    )
+    assert choose("openvino", "fp32", features=HASWELL, openvino=True).precision == "fp32"
+    assert choose("openvino", features=HASWELL, openvino=True).precision == "fp32"  # auto: what the CPU has
+    assert choose(precision="bf16", features=SAPPHIRE_RAPIDS, openvino=True).runtime == "openvino"
+    assert choose(bundle_precision="fp16", features=SAPPHIRE_RAPIDS, openvino=True) == Choice(
+        "onnxruntime", "fp16", "a fp16 bundle"
+    )
+    assert choose("openvino", bundle_precision="int8", features=SAPPHIRE_RAPIDS, openvino=True).precision == "int8"
+    refused = [
+        (dict(precision="bf16", features=HASWELL, openvino=True), "bf16 needs a CPU with AMX-BF16 or AVX512-BF16"),
+        (dict(runtime="onnxruntime", precision="bf16"), "choose the openvino runtime"),
+        (dict(runtime="openvino", openvino=False), "pip install openvino"),
+        (dict(runtime="openvino", bundle_precision="fp16", openvino=True), "fp16 bundles are for GPUs"),
+        (dict(runtime="openvino", precision="fp16", features=HASWELL, openvino=True), "AMX-FP16 or AVX512-FP16"),
+        (dict(runtime="tensorflow"), "unknown runtime"),
+        (dict(precision="fp8"), "unknown precision"),
+    ]
+    for kwargs, message in refused:
+        with pytest.raises(FpetError, match=message):
+            choose(**kwargs)
+
+
+def test_openvino_sessions_answer_from_several_threads_as_from_one(tiny_bundles):
+    session = OpenVinoSession(tiny_bundles["fpet"] / "model.onnx", "fp32", threads=2, streams=2)
+    batches = [np.random.default_rng(i).standard_normal((2, 3, 64, 64), dtype=np.float32) for i in range(8)]
+    alone = [session.run(["logits"], {"input": x})[0] for x in batches]
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(lambda x: session.run(["logits"], {"input": x})[0], batches))
+    for a, b in zip(alone, together, strict=True):
+        np.testing.assert_array_equal(a, b)
+    logits, maps = session.run(None, {"input": batches[0]})
+    assert logits.shape == (2, 3) and maps.dtype == np.int64 and maps.shape == (2, 1, 16)
