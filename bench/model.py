@@ -87,6 +87,7 @@ def make_runner(
     model, runtime: str, example: torch.Tensor, folder: Path, device: torch.device, precision: str = "fp32"
 ):
     """A callable running one batch to completion in the given runtime."""
+    runtime = ALIASES.get(runtime, runtime)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     if runtime == "torch":
 

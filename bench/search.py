@@ -26,6 +26,7 @@ from fpet.config import get_config, grid_size
 from fpet.cost import model_macs
 from fpet.errors import FpetError
 from fpet.pet import PetConfig
+from fpet.runtimes import choose
 from fpet.schedule import parse_schedule, plan
 from fpet.vit import create_model
 
@@ -115,14 +116,19 @@ def measure(
     cfg = get_config(backbone)
     x = torch.rand(batch_size, 3, img_size, img_size)
     device = torch.device("cpu")
+    # OpenVINO at the precision the service would use on this CPU (bf16 on a matrix engine)
+    precision = choose("openvino").precision if runtime == "openvino" else "fp32"
     runners = {}
     with tempfile.TemporaryDirectory(prefix="fpet-search-") as tmp:
         for spec in ["none", *specs]:
             torch.manual_seed(0)
             model = create_model(cfg, num_classes=10, img_size=img_size, method=method, schedule=spec)
-            runners[spec] = make_runner(model.freeze_for_deployment(), runtime, x, Path(tmp), device)
+            runners[spec] = make_runner(model.freeze_for_deployment(), runtime, x, Path(tmp), device, precision)
             runners[spec](x)  # warm-up
-        log(f"timing {len(runners)} schedules in {runtime}, batch {batch_size}, {repeats} interleaved rounds ...")
+        log(
+            f"timing {len(runners)} schedules in {runtime} {precision}, batch {batch_size}, {repeats} interleaved "
+            "rounds ..."
+        )
         samples: dict[str, list[float]] = {spec: [] for spec in runners}
         for _ in range(repeats):
             for spec, run in runners.items():

@@ -82,50 +82,39 @@ def fpet_assignment(scores: Tensor) -> Tensor:
 
 
 @functools.lru_cache(maxsize=64)
-def _layout(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[list[bool], list[int], list[int], list[int]]:
-    """Per sequence position: whether it is in B, its index in B, its index in A (0 in B), and its column among
-    [the B tokens, then the A tokens]."""
-    in_b = [False] * (len(a) + len(b))
-    b_pos, a_pos, column = [0] * len(in_b), [0] * len(in_b), [0] * len(in_b)
+def _layout(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[list[bool], list[int], list[int]]:
+    """Per sequence position: whether it is in B, its index in B, and its index in A (0 in B)."""
+    in_b, b_pos, a_pos = [False] * (len(a) + len(b)), [0] * (len(a) + len(b)), [0] * (len(a) + len(b))
     for i, position in enumerate(b):
-        in_b[position], b_pos[position], column[position] = True, i, i
+        in_b[position], b_pos[position] = True, i
     for i, position in enumerate(a):
-        a_pos[position], column[position] = i, len(b) + i
-    return in_b, b_pos, a_pos, column
+        a_pos[position] = i
+    return in_b, b_pos, a_pos
 
 
-def destinations(scores: Tensor, a_idx: Tensor, b_idx: Tensor, k: int) -> Tensor:
+def match_order(scores: Tensor) -> Tensor:
+    """The A tokens, strongest best match first (ToMe's order: the first k merge)."""
+    return scores.max(dim=-1).values.argsort(dim=-1, descending=True)
+
+
+def destinations(scores: Tensor, a_idx: Tensor, b_idx: Tensor, k: int, order: Tensor | None = None) -> Tensor:
     """[B, N] int64, per input token the output token it joins. Output order: the B tokens (cls first), then the A
     tokens kept, best matched first; the k A tokens with the strongest best match (all of A for k = |A|, as in
-    FPET; ToMe's r otherwise) join their best B token, the others are kept."""
+    FPET; ToMe's r otherwise) join their best B token, the others are kept. `order`: `match_order(scores)`."""
     n_a, n_b = a_idx.numel(), b_idx.numel()
     row = scores.argmax(dim=-1)  # [B, |A|]: each A token's best B token
     if k < n_a:
-        rank = scores.max(dim=-1).values.argsort(dim=-1, descending=True).argsort(dim=-1)
+        rank = (match_order(scores) if order is None else order).argsort(dim=-1)
         row = torch.where(rank < k, row, n_b + rank - k)
-    in_b, b_pos, a_pos, _ = _layout(tuple(a_idx.tolist()), tuple(b_idx.tolist()))
+    in_b, b_pos, a_pos = _layout(tuple(a_idx.tolist()), tuple(b_idx.tolist()))
     device = scores.device
     return torch.where(torch.tensor(in_b, device=device), torch.tensor(b_pos, device=device),
                        row.index_select(1, torch.tensor(a_pos, device=device)))  # fmt: skip
 
 
-def merge_matrix(scores: Tensor, dest: Tensor, a_idx: Tensor, b_idx: Tensor, k: int, learned: bool) -> Tensor:
-    """[B, tokens out, tokens in], 0/1 in the forward pass: output token j is the union of the input tokens in row j
-    (`dest`: the `destinations` of these scores). `learned` adds FPET's straight-through gradient to the rows, zero
-    in the forward pass, so the matching trains through the merge; deployment (and ToMe) takes the hard rows alone."""
-    n_a, n_b = a_idx.numel(), b_idx.numel()
-    n_out = n_a + n_b - k
-    rows = (dest.unsqueeze(1) == torch.arange(n_out, device=scores.device).unsqueeze(-1)).float()
-    if not learned:
-        return rows
-    assign = fpet_assignment(scores)
-    gradient = (assign - assign.detach()).transpose(-1, -2)  # [B, |B|, |A|], zero
-    if k < n_a:  # only the rows that merge learn from it
-        gradient = gradient * (dest.index_select(1, a_idx) < n_b).unsqueeze(1)
-    columns = _layout(tuple(a_idx.tolist()), tuple(b_idx.tolist()))[3]
-    top = torch.cat([gradient.new_zeros(gradient.shape[0], n_b, n_b), gradient], dim=-1)
-    top = top.index_select(-1, torch.tensor(columns, device=scores.device))
-    return rows + torch.cat([top, top.new_zeros(top.shape[0], n_out - n_b, top.shape[-1])], dim=1)
+def gather_rows(t: Tensor, rows: Tensor) -> Tensor:
+    """t[b, rows[b]] for every batch element, as a gather with static shapes."""
+    return t.gather(1, rows.unsqueeze(-1).expand(-1, -1, t.shape[-1]))
 
 
 def merge_tokens(
@@ -138,29 +127,45 @@ def merge_tokens(
     learned: bool,
     groups: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
-    """Merge k of the A tokens into B by size-weighted mean; returns the tokens, their sizes and `groups`.
+    """Merge k of the A tokens into B by size-weighted mean. Output: the B tokens (cls first), then the A tokens kept;
+    returns the tokens, their sizes and `groups`.
 
-    `size` None: every token stands for one patch (before the first merge). The mixing weights are built from the
-    merge matrix and the sizes, normalised (at most 1, summing to 1 per output token) so that the products stay in
-    the tokens' range in fp16, then cast to the tokens' precision: the only op that touches the tokens is one matrix
-    product in their own precision (cls aside), with no gather, no scatter and no fp32 elementwise op on the token path.
+    `size` None: every token stands for one patch (before the first merge). `learned` selects FPET's
+    straight-through assignment (for training); otherwise the hard one-hot (ToMe, and FPET at deployment, where both
+    agree in the forward pass). The weights (each at most 1, summing to 1 per destination, so that the products stay
+    in the tokens' range in fp16) and the sizes are fp32 elementwise work, cast once to the tokens' precision: what
+    the tokens pass through is gathers, one elementwise scale and add, and one matrix product, all in their own
+    precision. The sums over sources are elementwise too, not products with the one-hot, which would leave fp32.
 
     `groups` ([B, patches], int64: the token each original patch is in) follows each input token to its output
     token by gathers. As a graph output (the merge maps) it ties the matching to the graph's tail with no matrix
     product between them, and runtimes keep a graph's tail in fp32 when they lower the rest (OpenVINO's CPU plugin
     does for bf16 and fp16): that is what holds the matching in fp32 in an fp32 graph compiled for bf16.
     """
-    dest = destinations(scores, a_idx, b_idx, k)
+    n_a = a_idx.numel()
+    order = match_order(scores) if k < n_a else None
     with full_precision(x.device):
-        rows = merge_matrix(scores, dest, a_idx, b_idx, k, learned)
-        weighted = rows if size is None else rows * size.float().transpose(-1, -2)
-        new_size = weighted.sum(dim=-1, keepdim=True)
-        weights = weighted / new_size
-    # cls (first in and out) merges with nothing: leaving it out of the product keeps the inner dimension at the
-    # patch count, even on the usual grids, which AMX's bf16 tiles need (65 runs 2-3x slower than 64 in OpenVINO)
-    merged = torch.cat([x[:, :1], weights[:, 1:, 1:].to(x.dtype) @ x[:, 1:]], dim=1)
+        assign = fpet_assignment(scores) if learned else hard_assignment(scores)  # [B, |A|, |B|]
+        s_a = s_b = None
+        if size is not None:
+            s_a, s_b = size.float().index_select(1, a_idx), size.float().index_select(1, b_idx)
+        if order is not None:
+            assign = gather_rows(assign, order[:, :k])
+        into_b = assign.transpose(-1, -2)  # [B, |B|, sources]
+        if s_a is not None:
+            into_b = into_b * (s_a if order is None else gather_rows(s_a, order[:, :k])).transpose(-1, -2)
+        received = into_b.sum(dim=-1, keepdim=True)
+        new_b = received + 1 if s_b is None else received + s_b
+        weights, keep = into_b / new_b, (1 if s_b is None else s_b) / new_b
+    x_a, x_b = x.index_select(1, a_idx), x.index_select(1, b_idx)
+    sources = x_a if order is None else gather_rows(x_a, order[:, :k])
+    merged, new_size = x_b * keep.to(x.dtype) + weights.to(x.dtype) @ sources, new_b
+    if order is not None:
+        kept = order[:, k:]
+        s_kept = torch.ones_like(new_b[:, :1]).expand(-1, n_a - k, -1) if s_a is None else gather_rows(s_a, kept)
+        merged, new_size = torch.cat([merged, gather_rows(x_a, kept)], 1), torch.cat([new_b, s_kept], 1)
     if groups is not None:
-        groups = dest.gather(1, groups)
+        groups = destinations(scores, a_idx, b_idx, k, order).gather(1, groups)
     return merged, new_size, groups
 
 
