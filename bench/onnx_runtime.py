@@ -46,7 +46,8 @@ def runs_here(manifest: dict, runtime: str, precision: str) -> bool:
     if (precision == "int8") != (own == "int8"):
         return False
     try:
-        choice = choose(runtime, "auto" if precision == "int8" else precision, bundle_precision=own)
+        choice = choose(runtime, "auto" if precision == "int8" else precision, bundle_precision=own,
+                        quantization=(manifest.get("quantization") or {}).get("mode"))  # fmt: skip
     except FpetError:
         return False
     return choice.precision == precision

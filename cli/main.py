@@ -249,7 +249,8 @@ def add_export_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--quantization", default="dynamic", choices=["dynamic", "static"],
-        help="with --precision int8: activations quantized per call, or calibrated on 128 of the run's training images",
+        help="with --precision int8: dynamic (activations quantized per call; onnxruntime's CPU provider), or static "
+        "(symmetric QDQ calibrated on 128 of the run's training images; OpenVINO on AMX-INT8/VNNI, TensorRT)",
     )  # fmt: skip
     p.add_argument("--opset", type=int, default=17, help="ONNX opset, 14..20")
     p.add_argument("--default", action="store_true", help="build both bundles of the default model into the cache")

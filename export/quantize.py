@@ -6,8 +6,11 @@ the matching its keys (`key_mean`) is left fp32 by name, so matching and merging
 adapters' bottleneck layers (a few columns) stay fp32 because quantizing their input costs more than their product
 (measured: 3% of the int8 model's time).
 
-Dynamic quantization (activations quantized per call) is the default: on this machine's CPU it was faster and more
-accurate than static QDQ calibrated on the run's training images (docs/benchmarks.md, "int8 bundles").
+Two forms, for two kinds of runtime (docs/benchmarks.md, "int8 bundles"). Dynamic quantization (activations
+quantized per call, uint8) is the default and what onnxruntime's CPU provider runs fastest. Static quantization is
+QDQ calibrated on the run's training images, symmetric int8 on both sides (no zero points): the form OpenVINO turns
+into int8 products on AMX-INT8 or VNNI (with uint8 zero points it left their conversions and subtractions as separate
+layers, 25% of the time) and the only one TensorRT takes.
 """
 
 from __future__ import annotations
@@ -61,7 +64,8 @@ def quantize_int8(src: Path, dst: Path, mode: str = "dynamic", calibration: np.n
             input_name = onnx.load(str(prepared)).graph.input[0].name
             quantize_static(
                 str(prepared), str(dst), CalibrationReader(input_name, calibration), quant_format=QuantFormat.QDQ,
-                activation_type=QuantType.QUInt8, **common,
+                activation_type=QuantType.QInt8, **common,
+                extra_options={"ActivationSymmetric": True, "WeightSymmetric": True},
             )  # fmt: skip
     return {
         "mode": mode,
@@ -69,7 +73,7 @@ def quantize_int8(src: Path, dst: Path, mode: str = "dynamic", calibration: np.n
         "weights": "int8, per output channel",
         "activations": "uint8, range per call"
         if mode == "dynamic"
-        else f"uint8, calibrated on {len(calibration)} images",
+        else f"int8 symmetric, calibrated on {len(calibration)} images",
         "quantized_matmuls": len(nodes),
         "kept_fp32": "attention and merge products (no constant weight); the merge metric; weights narrower than "
         f"{MIN_WIDTH} (adapter bottlenecks); the patch embedding and the head",

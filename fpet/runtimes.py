@@ -46,6 +46,8 @@ def supports(precision: str, features: tuple[str, ...]) -> bool:
         return "amx_bf16" in features or "avx512_bf16" in features
     if precision == "fp16":
         return "amx_fp16" in features or "avx512_fp16" in features
+    if precision == "int8":
+        return "amx_int8" in features or "avx512_vnni" in features
     return True
 
 
@@ -67,6 +69,7 @@ def choose(
     precision: str = "auto",
     *,
     bundle_precision: str = "fp32",
+    quantization: str | None = None,
     gpu: bool = False,
     features: tuple[str, ...] | None = None,
     openvino: bool | None = None,
@@ -74,16 +77,18 @@ def choose(
     """Resolve `auto` and refuse what cannot run here, with a message that says what would.
 
     `gpu`: onnxruntime has CUDA and the caller may use it; a GPU keeps onnxruntime (onnxruntime-gpu's CUDA and
-    TensorRT providers run the bundle's own precision, fp16 bundles for fp16)."""
+    TensorRT providers run the bundle's own precision, fp16 bundles for fp16). `quantization`: an int8 bundle's
+    mode (export.quantize): static bundles go to OpenVINO on CPUs with int8 matrix instructions, dynamic ones to
+    onnxruntime, each the runtime its form is made for."""
     features = cpu_features() if features is None else features
     openvino = openvino_installed() if openvino is None else openvino
     if runtime not in ("auto", *RUNTIMES):
         raise FpetError(f"unknown runtime {runtime!r}; choose auto or one of: {', '.join(RUNTIMES)}")
     if precision not in ("auto", *PRECISIONS):
         raise FpetError(f"unknown precision {precision!r}; choose auto or one of: {', '.join(PRECISIONS)}")
-    asked = runtime
+    reason = "asked for"
     if runtime == "auto":
-        runtime, reason = auto_runtime(precision, bundle_precision, gpu, features, openvino)
+        runtime, reason = auto_runtime(precision, bundle_precision, quantization, gpu, features, openvino)
     if runtime == "openvino":
         if not openvino:
             raise FpetError("the openvino runtime is not installed: pip install openvino (or choose onnxruntime)")
@@ -94,7 +99,7 @@ def choose(
             if precision != "auto":
                 raise FpetError(f"an int8 bundle runs in int8 (its other layers in OpenVINO's default); "
                                 f"precision {precision} applies to fp32 bundles")  # fmt: skip
-            return Choice("openvino", "int8", "an int8 bundle")
+            return Choice("openvino", "int8", reason)
         if precision == "auto":
             precision = "bf16" if supports("bf16", features) else "fp32"
         if not supports(precision, features):
@@ -102,24 +107,31 @@ def choose(
             raise FpetError(f"{precision} needs a CPU with {engine}; this one has {', '.join(features) or 'neither'}: "
                             "choose fp32")  # fmt: skip
         why = "bf16 on this CPU's matrix engine" if precision == "bf16" else f"{precision} asked for"
-        return Choice("openvino", precision, "asked for" if asked == "openvino" else why)
+        return Choice("openvino", precision, reason or why)
     if precision not in ("auto", bundle_precision):
         raise FpetError(f"onnxruntime runs a bundle in the precision it was exported in ({bundle_precision}); for "
                         f"{precision} choose the openvino runtime (CPUs)" + (" or export an fp16 bundle (GPUs)"
                         if precision == "fp16" else ""))  # fmt: skip
-    return Choice("onnxruntime", bundle_precision, "asked for" if asked == "onnxruntime" else reason)
+    return Choice("onnxruntime", bundle_precision, reason)
 
 
 def auto_runtime(
-    precision: str, bundle_precision: str, gpu: bool, features: tuple[str, ...], openvino: bool
+    precision: str,
+    bundle_precision: str,
+    quantization: str | None,
+    gpu: bool,
+    features: tuple[str, ...],
+    openvino: bool,
 ) -> tuple[str, str]:
     """`auto`: OpenVINO for low precision on a CPU that computes it, onnxruntime otherwise; and why."""
     if gpu:
         return "onnxruntime", "a GPU (onnxruntime's CUDA provider)"
+    if bundle_precision == "int8" and quantization == "static" and openvino and supports("int8", features):
+        return "openvino", "a static int8 bundle on this CPU's int8 matrix engine"
     if bundle_precision != "fp32":
-        return "onnxruntime", f"a {bundle_precision} bundle"
+        return "onnxruntime", f"an {bundle_precision} bundle" + (" (dynamic)" if quantization == "dynamic" else "")
     if precision == "fp32":
-        return "onnxruntime", "fp32 asked for (onnxruntime's fp32 is as fast as OpenVINO's)"
+        return "onnxruntime", "fp32 asked for: onnxruntime, the project's fp32 path (--runtime openvino for OpenVINO's)"
     if not openvino:
         return "onnxruntime", "OpenVINO is not installed"
     if precision == "auto" and not supports("bf16", features):

@@ -70,7 +70,8 @@ class ModelRunner:
         self.dtype = np.float16 if self.manifest["precision"] == "fp16" else np.float32
         self.requested = requested_providers(providers)
         self.cpu_features = cpu_features()
-        choice = choose(runtime, precision, bundle_precision=self.manifest["precision"],
+        quantization = (self.manifest.get("quantization") or {}).get("mode")
+        choice = choose(runtime, precision, bundle_precision=self.manifest["precision"], quantization=quantization,
                         gpu=self.requested[0] == CUDA, features=self.cpu_features)  # fmt: skip
         self.runtime, self.precision, self.runtime_reason = choice.runtime, choice.precision, choice.reason
         model = self.bundle / self.manifest["files"]["onnx"]

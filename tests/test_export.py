@@ -228,7 +228,7 @@ def test_int8_is_judged_on_held_out_images_of_the_run(tmp_path, monkeypatch):
     manifest = export_bundle(run, tmp_path / "b8", options, **quiet)
     heldout = manifest["verification"]["formats"]["onnx"]["heldout"]
     assert heldout["images"] == 12 and heldout["split"] == "test"
-    assert manifest["quantization"]["activations"] == "uint8, calibrated on 12 images"
+    assert manifest["quantization"]["activations"] == "int8 symmetric, calibrated on 12 images"
     assert "QuantizeLinear" in quantized_ops(tmp_path / "b8" / "model.onnx")
     monkeypatch.setattr(verify, "HELDOUT_MAX_DROP", -101.0)  # no bundle can be 101 points more accurate
     with pytest.raises(FpetError, match="verification failed for onnx"):

@@ -73,6 +73,9 @@ def test_the_page_classifies_an_upload_and_shows_the_merges(page_server, browser
     assert "tokens" in browser.find_element(By.ID, "overlay-caption").text
     assert browser.find_element(By.ID, "error").get_attribute("hidden")
     wait_for(browser, "return document.querySelectorAll('#live tbody tr').length >= 2", timeout=10)
+    runtime = httpx.get(f"{page_server}/models/fpet").json()
+    shown = browser.find_element(By.ID, "runtime").text
+    assert f"fpet: {runtime['runtime']} {runtime['compute_precision']}" in shown and "CPU features" in shown, shown
 
     resources = browser.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
     assert resources and all(url.startswith(page_server) or url.startswith("blob:") for url in resources), resources

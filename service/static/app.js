@@ -1,4 +1,5 @@
-// The page talks only to the service that served it: /classify/compare, /models/fpet/explain, /samples, /stats.
+// The page talks only to the service that served it: /classify/compare, /models/fpet/explain, /samples, /stats,
+// /models.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -143,6 +144,19 @@ async function refreshLive() {
   }
 }
 
+async function showRuntime() {
+  try {
+    const response = await fetch("/models");
+    if (!response.ok) return;
+    const { models } = await response.json();
+    const each = models.map((m) => `${m.name}: ${m.runtime} ${m.compute_precision} (${m.runtime_reason})`);
+    const features = models.length ? models[0].cpu_features.join(", ") || "none found" : "";
+    $("runtime").textContent = `Running on ${each.join("; ")}. CPU features: ${features}.`;
+  } catch {
+    // no runtime line while the service is unreachable
+  }
+}
+
 function init() {
   $("file").addEventListener("change", (event) => {
     const file = event.target.files[0];
@@ -158,6 +172,7 @@ function init() {
     if (file) classify(file, file.name);
   });
   loadSamples();
+  showRuntime();
   refreshLive();
   setInterval(refreshLive, 2000);
 }
