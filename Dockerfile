@@ -55,7 +55,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 \
     FPET_HOST=0.0.0.0 FPET_PORT=8000 FPET_BUNDLES=/models/fpet,/models/backbone
 COPY deploy/requirements-serve.txt /tmp/requirements-serve.txt
 # OpenVINO serves on CPUs with a bf16 matrix engine (FPET_RUNTIME=auto); of its wheel the image keeps the CPU plugin
-# and the ONNX reader: the GPU and NPU plugins, the other frameworks' readers and the C++ headers go (-80 MB).
+# and the ONNX reader: the GPU and NPU plugins, the other frameworks' readers and the C++ headers go (-70 MB);
+# so trimmed, OpenVINO takes the image from 987 to 1103 MB (docs/benchmarks.md).
 RUN pip install --no-cache-dir -r /tmp/requirements-serve.txt onnxruntime==1.20.1 openvino==2026.4.1 \
     && site=$(python -c "import openvino, pathlib; print(pathlib.Path(openvino.__file__).parent)") \
     && rm -rf "$site"/include "$site"/libs/libopenvino_intel_gpu_plugin.so "$site"/libs/libopenvino_intel_npu_plugin.so \

@@ -2,8 +2,10 @@
 # The benchmarks on a CUDA machine, in one go (about 10 minutes on one recent GPU). Needs onnxruntime-gpu in place
 # of onnxruntime and a CUDA build of torch in the environment. Usage: bash bench/gpu.sh [OUT_DIR]
 #  1. model speed: ViT-B/16 at 224, batch sizes 1 to 256; fp32 and fp16 in torch eager (fused attention) and
-#     onnxruntime's CUDA provider (and TensorRT where onnxruntime has it); int8 in onnxruntime (dynamic quantization
-#     on CUDA, calibrated QDQ on TensorRT) where the provider takes it;
+#     onnxruntime's CUDA provider (and TensorRT where onnxruntime has it), fpet against the backbone side by side:
+#     the GPU's counterpart of the CPU's bf16 comparison (docs/benchmarks.md), where the matrix products get cheap
+#     and the merge's small ops and casts decide; int8 in onnxruntime (dynamic quantization on CUDA, calibrated
+#     symmetric QDQ on TensorRT) where the provider takes it;
 #  2. the service on CUDA (the default model's bundles, IO binding) under load from wrk or hey: fpet vs backbone.
 # A step that fails is logged and the others still run; the exit status says whether all passed.
 # BACKBONE, BATCH_SIZES, DEVICE, SERVE_PROVIDERS and HTTP_DURATION override the defaults: DEVICE=cpu
@@ -29,7 +31,7 @@ fi
 for precision in fp32 fp16 int8; do
   runtimes=torch,$ORT_RUNTIMES
   [ "$precision" = int8 ] && runtimes=$ORT_RUNTIMES
-  if ! "$FPET" bench model --device "$DEVICE" --precision "$precision" --backbone "$BACKBONE" \
+  if ! "$FPET" bench model --device "$DEVICE" --precisions "$precision" --backbone "$BACKBONE" \
       --schedules none,6:0.5,tome:13,3:0.5+6:0.5+9:0.5 --runtimes "$runtimes" \
       --batch-sizes "$BATCH_SIZES" --repeats 3 --min-seconds 0.3 --out "$OUT/$precision" 2> "$OUT/$precision.log"; then
     echo "model benchmark $precision failed: $(tail -n 1 "$OUT/$precision.log")"

@@ -205,6 +205,12 @@ def test_compose_serves_both_variants_hardened(compose_env, stack):
         assert response.status_code == 200, response.text
         body = response.json()
         assert body["model"] == model and body["predictions"][0]["label"] == "Ankle boot"
+    # the image carries OpenVINO: on a CPU with a bf16 matrix engine the container serves in bf16 through it
+    from fpet.runtimes import choose
+
+    expected = choose(openvino=True)
+    served = httpx.get(f"{stack['fpet']}/models/fpet").json()
+    assert (served["runtime"], served["compute_precision"]) == (expected.runtime, expected.precision), served
     host = inspect(compose_env, stack["container"])["HostConfig"]
     assert host["ReadonlyRootfs"] and host["CapDrop"] == ["ALL"] and "no-new-privileges:true" in host["SecurityOpt"]
 
