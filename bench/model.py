@@ -109,18 +109,18 @@ def make_runner(
 
         return run_ts
     if runtime == "openvino":
-        from export.exporter import export_onnx
+        from export.exporter import INPUT_NAME, export_onnx
 
         path = folder / f"{id(model)}-{runtime}-{precision}.onnx"
         export_onnx(model.set_fused_attention(False), path, example, 17, maps=model.merges)
         session = OpenVinoSession(path, precision, torch.get_num_threads())
-        return lambda x: session.run(None, {"input": x.cpu().numpy()})
+        return lambda x: session.run(None, {INPUT_NAME: x.cpu().numpy()})
     if runtime in ("onnxruntime", "onnxruntime-tensorrt"):
         from export.exporter import export_onnx
 
         providers = ort_providers(runtime, device)
         path = folder / f"{id(model)}-{runtime}.onnx"
-        export_onnx(model.set_fused_attention(False), path, example, 17)
+        export_onnx(model.set_fused_attention(False), path, example, 17, maps=model.merges)  # as bundles are
         if precision == "int8":
             from export.quantize import quantize_int8
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from export.bundle import read_manifest
+from export.bundle import read_manifest, runtime_facts
 from fpet.errors import FpetError
 from fpet.runtimes import OpenVinoSession, choose, cpu_features
 from fpet.sessions import OPTIMIZATION, create_session
@@ -46,8 +46,7 @@ def runs_here(manifest: dict, runtime: str, precision: str) -> bool:
     if (precision == "int8") != (own == "int8"):
         return False
     try:
-        choice = choose(runtime, "auto" if precision == "int8" else precision, bundle_precision=own,
-                        quantization=(manifest.get("quantization") or {}).get("mode"))  # fmt: skip
+        choice = choose(runtime, "auto" if precision == "int8" else precision, **runtime_facts(manifest))
     except FpetError:
         return False
     return choice.precision == precision
@@ -113,6 +112,10 @@ def bench_bundles(
 ) -> list[dict]:
     if callers < 1:
         raise FpetError(f"callers must be at least 1, not {callers}")
+    unknown = [r for r in runtimes if r not in RUNTIMES] + [p for p in precisions if p not in PRECISIONS]
+    if unknown:
+        raise FpetError(f"unknown {', '.join(unknown)}: runtimes are {', '.join(RUNTIMES)}, precisions "
+                        f"{', '.join(PRECISIONS)}")  # fmt: skip
     manifests = [read_manifest(b) for b in bundles]
     sessions = {s: session(bundles[s.bundle], s, threads, callers) for s in setups(manifests, runtimes, precisions,
                                                                                      levels)}  # fmt: skip
@@ -181,12 +184,6 @@ def bundle_predictions(
         predicted.append(logits.argmax(-1))
         truth.append(decoded.labels.numpy())
     return np.concatenate(predicted), np.concatenate(truth)
-
-
-def bundle_accuracy(bundle: Path, data: Path, split: str = "test", batch_size: int = 64, threads: int = 2) -> dict:
-    """Top-1 accuracy of a bundle on every image of a split, run by onnxruntime in the bundle's own precision."""
-    predicted, truth = bundle_predictions(bundle, data, split, batch_size, threads)
-    return {"split": split, "images": len(truth), "accuracy": 100 * int((predicted == truth).sum()) / len(truth)}
 
 
 def markdown(rows: list[dict]) -> str:

@@ -46,3 +46,19 @@ def read_manifest(bundle_dir: str | Path) -> dict:
         if not (bundle_dir / name).is_file():
             raise FpetError(f"bundle {bundle_dir} lacks {name}")
     return manifest
+
+
+def runtime_facts(manifest: dict) -> dict:
+    """What `fpet.runtimes.choose` must know of a bundle: its precision, its int8 form, and whether its graph keeps
+    the matching in fp32 when a runtime lowers the rest (formats 4 and 5, or no merges). Static int8 from before the
+    symmetric QDQ (uint8 zero points) is its own form: OpenVINO runs it slower than bf16."""
+    quantization = manifest.get("quantization") or {}
+    mode = quantization.get("mode")
+    if mode == "static" and "symmetric" not in quantization.get("activations", ""):
+        mode = "static uint8"
+    merges = manifest.get("merge_maps") is not None or manifest.get("schedule", "none") != "none"
+    return {
+        "bundle_precision": manifest["precision"],
+        "quantization": mode,
+        "lowers_safely": not merges or manifest["bundle_format"] >= BUNDLE_FORMAT,
+    }

@@ -45,6 +45,20 @@ def quantizable_matmuls(model) -> list[str]:
     ]
 
 
+def unquantize_metric_input(path: Path) -> None:
+    """QDQ quantizes a tensor once for all its readers: the LayerNorm output that feeds qkv also feeds the merge
+    metric's layer, which would then read int8-rounded activations. Point it back at the float tensor."""
+    model = onnx.load(str(path))
+    rounded = {node.output[0]: node.input[0] for node in model.graph.node if node.op_type == "DequantizeLinear"}
+    quantized = {node.output[0]: node.input[0] for node in model.graph.node if node.op_type == "QuantizeLinear"}
+    for node in model.graph.node:
+        if METRIC_LAYER in node.name:
+            for i, name in enumerate(node.input):
+                if name in rounded and rounded[name] in quantized:
+                    node.input[i] = quantized[rounded[name]]
+    onnx.save(model, str(path))
+
+
 def quantize_int8(src: Path, dst: Path, mode: str = "dynamic", calibration: np.ndarray | None = None) -> dict:
     """Write the int8 form of `src` to `dst`; returns what the manifest records about it."""
     if mode not in MODES:
@@ -67,6 +81,7 @@ def quantize_int8(src: Path, dst: Path, mode: str = "dynamic", calibration: np.n
                 activation_type=QuantType.QInt8, **common,
                 extra_options={"ActivationSymmetric": True, "WeightSymmetric": True},
             )  # fmt: skip
+            unquantize_metric_input(dst)
     return {
         "mode": mode,
         "tool": "onnxruntime.quantization",

@@ -1,9 +1,9 @@
 """Analytic cost: multiply-accumulates per image, counted from the layer shapes and the merge plan.
 
 Every matrix product the model runs is counted (patch embedding, attention, MLP, PET modules, the merge's
-refinement adapter and its product of the sources into B, the head), and the merge's similarity, a product written
-elementwise (fpet.merge); other element-wise work (norms, softmax, GELU, sizes) is not, as in the papers' GFLOPs. The
-test suite checks these counts against torch's FLOP counter on the real modules.
+refinement adapter, its similarity (elementwise in exported graphs, fpet.merge) and its product of the sources into
+B, the head); element-wise work (norms, softmax, GELU, sizes) is not, as in the papers' GFLOPs. The test suite checks
+these counts against torch's FLOP counter on the real modules.
 """
 
 from __future__ import annotations
@@ -29,13 +29,8 @@ def mlp_macs(cfg: ViTConfig, n: int, pet: PetConfig) -> int:
     return macs
 
 
-def similarity_macs(cfg: ViTConfig, step: MergeStep) -> int:
-    """Cosine similarity of A against B: a broadcast product and a sum, which torch's FLOP counter does not see."""
-    return step.n_a * step.n_b * cfg.head_dim
-
-
 def merge_macs(cfg: ViTConfig, step: MergeStep) -> int:
-    macs = similarity_macs(cfg, step)
+    macs = step.n_a * step.n_b * cfg.head_dim  # cosine similarity of A against B
     if step.method == "fpet":
         macs += 2 * step.tokens_in * cfg.head_dim * REFINE_WIDTH  # key refinement adapter
     return macs + step.merged * step.n_b * cfg.embed_dim  # the weighted sources into B

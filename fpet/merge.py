@@ -49,15 +49,19 @@ def full_precision(device: torch.device) -> torch.autocast:
 def similarity(metric: Tensor, a_idx: Tensor, b_idx: Tensor) -> Tensor:
     """Cosine similarity A x B in fp32; the cls column (B's first) is -inf so nothing merges into cls.
 
-    Written as a broadcast product and a sum, not a matrix product: runtimes that lower a graph's precision
-    themselves (OpenVINO's bf16 on CPU matrix engines) lower every matrix product, but keep the elementwise ops and
-    reductions that feed an integer result (here the argmax) in fp32. The scores are small (|A| x |B| x head_dim).
-    """
+    Exported as a broadcast product and a sum, not a matrix product: runtimes that lower a graph's precision
+    themselves (OpenVINO's bf16 on CPU matrix engines) lower every matrix product, but keep the layers between a
+    graph output and the nearest matrix product in fp32 (here the argmax feeds the merge maps). Eager PyTorch takes
+    the matrix product: the same numbers without the [B, |A|, |B|, head_dim] temporary, which training at high
+    resolution could not afford."""
     with full_precision(metric.device):
         metric = metric.float()
         metric = metric / torch.linalg.vector_norm(metric, dim=-1, keepdim=True).clamp_min(1e-6)
         a, b = metric.index_select(1, a_idx), metric.index_select(1, b_idx)
-        scores = (a.unsqueeze(2) * b.unsqueeze(1)).sum(dim=-1)
+        if torch.onnx.is_in_onnx_export():
+            scores = (a.unsqueeze(2) * b.unsqueeze(1)).sum(dim=-1)
+        else:
+            scores = a @ b.transpose(-1, -2)
         return scores + torch.tensor([float("-inf")] + [0.0] * (b_idx.numel() - 1), device=metric.device)
 
 

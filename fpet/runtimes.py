@@ -70,6 +70,7 @@ def choose(
     *,
     bundle_precision: str = "fp32",
     quantization: str | None = None,
+    lowers_safely: bool = True,
     gpu: bool = False,
     features: tuple[str, ...] | None = None,
     openvino: bool | None = None,
@@ -79,7 +80,8 @@ def choose(
     `gpu`: onnxruntime has CUDA and the caller may use it; a GPU keeps onnxruntime (onnxruntime-gpu's CUDA and
     TensorRT providers run the bundle's own precision, fp16 bundles for fp16). `quantization`: an int8 bundle's
     mode (export.quantize): static bundles go to OpenVINO on CPUs with int8 matrix instructions, dynamic ones to
-    onnxruntime, each the runtime its form is made for."""
+    onnxruntime, each the runtime its form is made for. `lowers_safely`: the graph keeps its matching in fp32 when a
+    runtime lowers the rest (export.bundle.runtime_facts); `auto` lowers no other graph."""
     features = cpu_features() if features is None else features
     openvino = openvino_installed() if openvino is None else openvino
     if runtime not in ("auto", *RUNTIMES):
@@ -88,7 +90,8 @@ def choose(
         raise FpetError(f"unknown precision {precision!r}; choose auto or one of: {', '.join(PRECISIONS)}")
     reason = "asked for"
     if runtime == "auto":
-        runtime, reason = auto_runtime(precision, bundle_precision, quantization, gpu, features, openvino)
+        runtime, reason = auto_runtime(precision, bundle_precision, quantization, lowers_safely, gpu, features,
+                                       openvino)  # fmt: skip
     if runtime == "openvino":
         if not openvino:
             raise FpetError("the openvino runtime is not installed: pip install openvino (or choose onnxruntime)")
@@ -97,8 +100,8 @@ def choose(
                             "bundle in fp32 and choose precision fp16")  # fmt: skip
         if bundle_precision == "int8":
             if precision != "auto":
-                raise FpetError(f"an int8 bundle runs in int8 (its other layers in OpenVINO's default); "
-                                f"precision {precision} applies to fp32 bundles")  # fmt: skip
+                raise FpetError("an int8 bundle runs in its own precision (its other layers in OpenVINO's default): "
+                                "leave precision at auto")  # fmt: skip
             return Choice("openvino", "int8", reason)
         if precision == "auto":
             precision = "bf16" if supports("bf16", features) else "fp32"
@@ -109,8 +112,11 @@ def choose(
         why = "bf16 on this CPU's matrix engine" if precision == "bf16" else f"{precision} asked for"
         return Choice("openvino", precision, reason or why)
     if precision not in ("auto", bundle_precision):
+        if bundle_precision != "fp32":
+            raise FpetError(f"an {bundle_precision} bundle runs in its own precision: leave precision at auto")
+        elsewhere = "the openvino runtime (CPUs)" if openvino else "the openvino runtime (pip install openvino)"
         raise FpetError(f"onnxruntime runs a bundle in the precision it was exported in ({bundle_precision}); for "
-                        f"{precision} choose the openvino runtime (CPUs)" + (" or export an fp16 bundle (GPUs)"
+                        f"{precision} choose {elsewhere}" + (" or export an fp16 bundle (GPUs)"
                         if precision == "fp16" else ""))  # fmt: skip
     return Choice("onnxruntime", bundle_precision, reason)
 
@@ -119,6 +125,7 @@ def auto_runtime(
     precision: str,
     bundle_precision: str,
     quantization: str | None,
+    lowers_safely: bool,
     gpu: bool,
     features: tuple[str, ...],
     openvino: bool,
@@ -129,13 +136,15 @@ def auto_runtime(
     if bundle_precision == "int8" and quantization == "static" and openvino and supports("int8", features):
         return "openvino", "a static int8 bundle on this CPU's int8 matrix engine"
     if bundle_precision != "fp32":
-        return "onnxruntime", f"an {bundle_precision} bundle" + (" (dynamic)" if quantization == "dynamic" else "")
+        return "onnxruntime", f"an {bundle_precision} bundle" + (f" ({quantization})" if quantization else "")
     if precision == "fp32":
         return "onnxruntime", "fp32 asked for: onnxruntime, the project's fp32 path (--runtime openvino for OpenVINO's)"
     if not openvino:
         return "onnxruntime", "OpenVINO is not installed"
     if precision == "auto" and not supports("bf16", features):
         return "onnxruntime", "no bf16 matrix engine on this CPU (AMX-BF16 or AVX512-BF16)"
+    if precision == "auto" and not lowers_safely:
+        return "onnxruntime", "an older bundle, whose matching a runtime's bf16 would lower: re-export it for bf16"
     return "openvino", ""
 
 
@@ -171,3 +180,17 @@ class OpenVinoSession:
             return [np.array(results[name]) for name in (outputs or self.output_names)]
         finally:
             self._idle.put(request)
+
+
+def check_available(runtime: str, precision: str, features: tuple[str, ...] | None = None) -> None:
+    """What can be refused before any bundle is read: a runtime that is not installed, or a precision no runtime
+    here computes. The rest depends on each bundle (`choose`)."""
+    features = cpu_features() if features is None else features
+    if runtime == "openvino" and not openvino_installed():
+        raise FpetError("the openvino runtime is not installed: pip install openvino (or choose onnxruntime)")
+    if precision == "bf16" and runtime == "onnxruntime":
+        raise FpetError("onnxruntime has no bf16 kernels: choose the openvino runtime for bf16")
+    lowered = precision == "bf16" or (precision == "fp16" and runtime == "openvino")  # fp16 on auto: maybe a GPU
+    if lowered and runtime != "onnxruntime" and not supports(precision, features):
+        engine = "AMX-BF16 or AVX512-BF16" if precision == "bf16" else "AMX-FP16 or AVX512-FP16"
+        raise FpetError(f"{precision} needs a CPU with {engine}; this one has {', '.join(features) or 'neither'}")

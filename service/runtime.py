@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from export.bundle import read_manifest
+from export.bundle import read_manifest, runtime_facts
+from fpet.errors import FpetError
 from fpet.imaging import normalize, resize_rgb
 from fpet.runtimes import OpenVinoSession, choose, cpu_features
 from fpet.sessions import OPTIMIZATION, create_session
@@ -70,9 +71,10 @@ class ModelRunner:
         self.dtype = np.float16 if self.manifest["precision"] == "fp16" else np.float32
         self.requested = requested_providers(providers)
         self.cpu_features = cpu_features()
-        quantization = (self.manifest.get("quantization") or {}).get("mode")
-        choice = choose(runtime, precision, bundle_precision=self.manifest["precision"], quantization=quantization,
-                        gpu=self.requested[0] == CUDA, features=self.cpu_features)  # fmt: skip
+        choice = choose(runtime, precision, **runtime_facts(self.manifest), gpu=self.requested[0] == CUDA,
+                        features=self.cpu_features)  # fmt: skip
+        if providers == "cuda" and choice.runtime == "openvino":
+            raise FpetError("providers cuda are onnxruntime's: choose runtime onnxruntime (or auto) for a GPU")
         self.runtime, self.precision, self.runtime_reason = choice.runtime, choice.precision, choice.reason
         model = self.bundle / self.manifest["files"]["onnx"]
         if self.runtime == "openvino":
@@ -82,7 +84,7 @@ class ModelRunner:
             optimization = self.manifest.get("onnxruntime", {}).get("graph_optimization_level", OPTIMIZATION)
             self.session = create_session(model, self.requested, threads, optimization)
             self.provider = self.session.get_providers()[0]
-        self.fell_back = self.requested[0] == CUDA and self.provider != CUDA
+        self.fell_back = self.runtime == "onnxruntime" and self.requested[0] == CUDA and self.provider != CUDA
         if self.fell_back:
             log.error("%s: CUDA was asked for but onnxruntime runs on %s", self.name, self.provider)
         self.input_name = self.manifest["input"]["name"]

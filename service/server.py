@@ -19,7 +19,7 @@ import tempfile
 import time
 from types import FrameType
 
-from fpet.runtimes import choose
+from fpet.runtimes import check_available
 from service import lifecycle
 from service.settings import Settings
 
@@ -65,7 +65,7 @@ def serve(overrides: dict) -> None:
     settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
     # A runtime or precision this machine cannot give is a one-line error now, not a service that never gets ready
     # (what depends on the bundles, such as an int8 bundle's precision, is checked as they load).
-    choose(settings.runtime, settings.precision, gpu=settings.providers == "cuda")
+    check_available(settings.runtime, settings.precision)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # Workers and the factory read settings from the environment: pass the flags on that way.
     for name, value in settings.model_dump(exclude_none=True).items():

@@ -111,13 +111,15 @@ def test_model_benchmark_smoke(tmp_path):
     assert all(p.stat().st_size > 1000 for p in plot(rows, tmp_path))
 
 
-def test_bundle_accuracy_counts_every_test_image(tmp_path, tiny_bundles):
-    from bench.onnx_runtime import bundle_accuracy
+def test_bundle_predictions_cover_every_test_image_in_each_runtime(tmp_path, tiny_bundles):
+    from bench.onnx_runtime import bundle_predictions
     from tests.training_helpers import make_image_folder
 
     test = make_image_folder(tmp_path / "data" / "test", per_class=3, size=40)
     for i, label in enumerate("abc"):  # the tiny run's labels
         (test / f"class_{i}").rename(test / label)
-    result = bundle_accuracy(tiny_bundles["fpet"], tmp_path / "data", threads=1)
-    assert result["images"] == 9 and result["split"] == "test"
-    assert result["accuracy"] in {100 * k / 9 for k in range(10)}
+    predicted, truth = bundle_predictions(tiny_bundles["fpet"], tmp_path / "data", threads=1)
+    assert len(predicted) == len(truth) == 9 and set(truth.tolist()) == {0, 1, 2}
+    openvino, _ = bundle_predictions(tiny_bundles["fpet"], tmp_path / "data", threads=1, runtime="openvino",
+                                     precision="fp32")  # fmt: skip
+    assert openvino.tolist() == predicted.tolist()  # OpenVINO's fp32 answers as onnxruntime's

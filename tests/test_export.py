@@ -230,6 +230,12 @@ def test_int8_is_judged_on_held_out_images_of_the_run(tmp_path, monkeypatch):
     assert heldout["images"] == 12 and heldout["split"] == "test"
     assert manifest["quantization"]["activations"] == "int8 symmetric, calibrated on 12 images"
     assert "QuantizeLinear" in quantized_ops(tmp_path / "b8" / "model.onnx")
+    graph = onnx.load(str(tmp_path / "b8" / "model.onnx")).graph
+    made_by = {output: node.op_type for node in graph.node for output in node.output}
+    metric = [node for node in graph.node if "key_mean" in node.name and node.op_type == "MatMul"]
+    assert metric and made_by[metric[0].input[0]] != "DequantizeLinear", "the merge metric reads rounded activations"
+    assert any(made_by.get(name) == "DequantizeLinear" for node in graph.node if "attn/qkv" in node.name
+               for name in node.input)  # fmt: skip
     monkeypatch.setattr(verify, "HELDOUT_MAX_DROP", -101.0)  # no bundle can be 101 points more accurate
     with pytest.raises(FpetError, match="verification failed for onnx"):
         export_bundle(run, tmp_path / "b8", options, **quiet)

@@ -75,3 +75,45 @@ def test_openvino_sessions_answer_from_several_threads_as_from_one(tiny_bundles)
         np.testing.assert_array_equal(a, b)
     logits, maps = session.run(None, {"input": batches[0]})
     assert logits.shape == (2, 3) and maps.dtype == np.int64 and maps.shape == (2, 1, 16)
+
+
+def test_auto_lowers_only_graphs_that_keep_their_matching_in_fp32():
+    from export.bundle import runtime_facts
+
+    fpet = {"precision": "fp32", "schedule": "6:0.5", "merge_maps": {"output": "merge_maps"}, "bundle_format": 4}
+    assert runtime_facts(fpet) == {"bundle_precision": "fp32", "quantization": None, "lowers_safely": True}
+    older = {**fpet, "bundle_format": 2}  # its matching is a matrix product: OpenVINO's bf16 would lower it
+    assert not runtime_facts(older)["lowers_safely"]
+    assert runtime_facts({**older, "schedule": "none", "merge_maps": None})["lowers_safely"]  # nothing to match
+    choice = choose(**runtime_facts(older), features=SAPPHIRE_RAPIDS, openvino=True)
+    assert choice.runtime == "onnxruntime" and "re-export" in choice.reason
+    assert choose("openvino", **runtime_facts(older), features=SAPPHIRE_RAPIDS, openvino=True).precision == "bf16"
+    uint8 = {**fpet, "precision": "int8", "quantization": {"mode": "static", "activations": "uint8, calibrated"}}
+    assert runtime_facts(uint8)["quantization"] == "static uint8"  # the QDQ OpenVINO runs slower than bf16
+    assert choose(**runtime_facts(uint8), features=SAPPHIRE_RAPIDS, openvino=True).runtime == "onnxruntime"
+
+
+def test_what_no_bundle_can_change_is_refused_before_serving():
+    from fpet.runtimes import check_available
+
+    check_available("auto", "auto", HASWELL)
+    check_available("auto", "fp16", HASWELL)  # fp16 bundles on a GPU
+    for runtime, precision, message in [("onnxruntime", "bf16", "no bf16 kernels"), ("auto", "bf16", "AMX-BF16"),
+                                        ("openvino", "fp16", "AMX-FP16")]:  # fmt: skip
+        with pytest.raises(FpetError, match=message):
+            check_available(runtime, precision, HASWELL)
+    with pytest.raises(FpetError, match="leave precision at auto"):
+        choose(precision="fp32", bundle_precision="int8", quantization="dynamic", openvino=True)
+    with pytest.raises(FpetError, match="pip install openvino"):
+        choose(precision="bf16", features=SAPPHIRE_RAPIDS, openvino=False)
+
+
+def test_cuda_is_onnxruntimes_and_openvino_is_never_a_fallback_from_it(tiny_bundles, monkeypatch):
+    import service.runtime
+    from service.runtime import CPU, CUDA, ModelRunner
+
+    with pytest.raises(FpetError, match="providers cuda are onnxruntime's"):
+        ModelRunner(tiny_bundles["fpet"], providers="cuda", runtime="openvino")
+    monkeypatch.setattr(service.runtime, "requested_providers", lambda choice: [CUDA, CPU])  # onnxruntime-gpu
+    runner = ModelRunner(tiny_bundles["fpet"], providers="auto", runtime="openvino")
+    assert runner.provider == "OpenVINO CPU" and not runner.fell_back
