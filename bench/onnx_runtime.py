@@ -16,12 +16,12 @@ import numpy as np
 
 from export.bundle import read_manifest, runtime_facts
 from fpet.errors import FpetError
-from fpet.runtimes import OpenVinoSession, choose, cpu_features
+from fpet.runtimes import PRECISIONS as COMPUTED
+from fpet.runtimes import RUNTIMES, OpenVinoSession, choose, cpu_features
 from fpet.sessions import OPTIMIZATION, create_session
 
 LEVELS = ("ORT_ENABLE_BASIC", "ORT_ENABLE_ALL")
-RUNTIMES = ("onnxruntime", "openvino")
-PRECISIONS = ("fp32", "bf16", "fp16", "int8")
+PRECISIONS = (*COMPUTED, "int8")  # int8: an int8 bundle's own
 
 
 @dataclass(frozen=True)
@@ -66,10 +66,9 @@ def setups(manifests: list[dict], runtimes: tuple[str, ...], precisions: tuple[s
     return found
 
 
-def session(bundle: Path, setup: Setup, threads: int, callers: int = 1):
-    """onnxruntime: one session of `threads` intra-op threads that the callers share; OpenVINO: one stream per
-    caller, `threads` each, as the service's instances are."""
-    model = bundle / read_manifest(bundle)["files"]["onnx"]
+def session(model: Path, setup: Setup, threads: int, callers: int = 1):
+    """`model`: a bundle's ONNX file. onnxruntime: one session of `threads` intra-op threads that the callers share;
+    OpenVINO: one stream per caller, `threads` each, as the service's instances are."""
     if setup.runtime == "openvino":
         return OpenVinoSession(model, setup.precision, threads * callers, callers)
     return create_session(model, threads=threads, optimization=setup.level or OPTIMIZATION)
@@ -117,8 +116,9 @@ def bench_bundles(
         raise FpetError(f"unknown {', '.join(unknown)}: runtimes are {', '.join(RUNTIMES)}, precisions "
                         f"{', '.join(PRECISIONS)}")  # fmt: skip
     manifests = [read_manifest(b) for b in bundles]
-    sessions = {s: session(bundles[s.bundle], s, threads, callers) for s in setups(manifests, runtimes, precisions,
-                                                                                     levels)}  # fmt: skip
+    models = [bundle / m["files"]["onnx"] for bundle, m in zip(bundles, manifests, strict=True)]
+    sessions = {s: session(models[s.bundle], s, threads, callers) for s in setups(manifests, runtimes, precisions,
+                                                                                    levels)}  # fmt: skip
     samples: dict[tuple[Setup, int], list[float]] = {}
     for batch in batch_sizes:
         inputs = [np.random.default_rng(0).random((batch, 3, m["img_size"], m["img_size"]), dtype=np.float32)
@@ -174,7 +174,7 @@ def bundle_predictions(
     pre = Preprocessing.from_dict(manifest["preprocessing"])
     setup = Setup(0, runtime, precision or manifest["precision"],
                   manifest.get("onnxruntime", {}).get("graph_optimization_level", LEVELS[-1]))  # fmt: skip
-    sess = session(bundle, setup, threads)
+    sess = session(bundle / manifest["files"]["onnx"], setup, threads)
     dtype = np.float16 if manifest["precision"] == "fp16" else np.float32
     predicted, truth = [], []
     for start in range(0, len(source), batch_size):

@@ -12,8 +12,8 @@ from pathlib import Path
 from fpet.errors import FpetError
 
 # 2: fpet graphs have a second output, the merge maps (manifest `merge_maps`); 3: several tasks in one graph (a
-# `task` input, manifest `tasks`, labels per task); 4 and 5 (single- and multi-task): the merge is one matrix product
-# and the merge maps follow the matching by gathers alone, so runtimes keep the matching in fp32 (fpet.merge)
+# `task` input, manifest `tasks`, labels per task); 4 and 5 (single- and multi-task): the merge maps follow the
+# matching by gathers alone and the scores are no matrix product, so runtimes keep the matching in fp32 (fpet.merge)
 BUNDLE_FORMAT = 4
 MULTITASK_BUNDLE_FORMAT = 5
 NEWEST_FORMAT = max(BUNDLE_FORMAT, MULTITASK_BUNDLE_FORMAT)

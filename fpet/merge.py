@@ -2,8 +2,8 @@
 
 Shapes: x [B, N, C] with cls at index 0, size [B, N, 1] (how many original patches each token stands for, always
 fp32; None before the first merge), metric [B, N, c]. Index tensors are static (they depend only on shapes), so
-exported graphs keep static shapes and use no scatter ops: the merge is one dense matrix product of 0/1 rows
-weighted by size, which exports exactly (see docs on export pitfalls).
+exported graphs keep static shapes and use no scatter ops: the sources go into B through a dense product of their
+size-weighted one-hot assignment, which exports exactly (see docs on export pitfalls).
 
 The precision boundary: the matching (normalised keys, scores, argmax) and the sizes run in fp32 whatever the
 surrounding precision (fp16 graphs, bf16 or fp16 autocast, a runtime's own bf16): cosine scores of near-identical

@@ -9,6 +9,7 @@ OpenVINO bf16 where the CPU has such an engine and OpenVINO is installed, onnxru
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import queue
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ FEATURES = ("amx_bf16", "amx_int8", "amx_fp16", "avx512_bf16", "avx512_fp16", "a
 OPENVINO_HINTS = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
 
 
+@functools.cache
 def cpu_features(cpuinfo: Path = CPUINFO) -> tuple[str, ...]:
     """The FEATURES this CPU has, read from the kernel's flags (none where there is no /proc/cpuinfo)."""
     try:
@@ -53,6 +55,18 @@ def supports(precision: str, features: tuple[str, ...]) -> bool:
 
 def openvino_installed() -> bool:
     return importlib.util.find_spec("openvino") is not None
+
+
+def require_openvino(installed: bool) -> None:
+    if not installed:
+        raise FpetError("the openvino runtime is not installed: pip install openvino (or choose onnxruntime)")
+
+
+def require_hardware(precision: str, features: tuple[str, ...]) -> None:
+    if not supports(precision, features):
+        engine = "AMX-BF16 or AVX512-BF16" if precision == "bf16" else "AMX-FP16 or AVX512-FP16"
+        raise FpetError(f"{precision} needs a CPU with {engine}; this one has {', '.join(features) or 'neither'}: "
+                        "choose fp32")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -93,8 +107,7 @@ def choose(
         runtime, reason = auto_runtime(precision, bundle_precision, quantization, lowers_safely, gpu, features,
                                        openvino)  # fmt: skip
     if runtime == "openvino":
-        if not openvino:
-            raise FpetError("the openvino runtime is not installed: pip install openvino (or choose onnxruntime)")
+        require_openvino(openvino)
         if bundle_precision == "fp16":
             raise FpetError("fp16 bundles are for GPUs (onnxruntime-gpu); to compute in fp16 on a CPU, export the "
                             "bundle in fp32 and choose precision fp16")  # fmt: skip
@@ -105,10 +118,7 @@ def choose(
             return Choice("openvino", "int8", reason)
         if precision == "auto":
             precision = "bf16" if supports("bf16", features) else "fp32"
-        if not supports(precision, features):
-            engine = "AMX-BF16 or AVX512-BF16" if precision == "bf16" else "AMX-FP16 or AVX512-FP16"
-            raise FpetError(f"{precision} needs a CPU with {engine}; this one has {', '.join(features) or 'neither'}: "
-                            "choose fp32")  # fmt: skip
+        require_hardware(precision, features)
         why = "bf16 on this CPU's matrix engine" if precision == "bf16" else f"{precision} asked for"
         return Choice("openvino", precision, reason or why)
     if precision not in ("auto", bundle_precision):
@@ -165,7 +175,6 @@ class OpenVinoSession:
             config["INFERENCE_NUM_THREADS"] = threads
         core = ov.Core()
         self.compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
-        self.precision = precision
         self.output_names = [output.get_any_name() for output in self.compiled.outputs]
         self._idle: queue.SimpleQueue = queue.SimpleQueue()
 
@@ -186,11 +195,9 @@ def check_available(runtime: str, precision: str, features: tuple[str, ...] | No
     """What can be refused before any bundle is read: a runtime that is not installed, or a precision no runtime
     here computes. The rest depends on each bundle (`choose`)."""
     features = cpu_features() if features is None else features
-    if runtime == "openvino" and not openvino_installed():
-        raise FpetError("the openvino runtime is not installed: pip install openvino (or choose onnxruntime)")
+    if runtime == "openvino":
+        require_openvino(openvino_installed())
     if precision == "bf16" and runtime == "onnxruntime":
         raise FpetError("onnxruntime has no bf16 kernels: choose the openvino runtime for bf16")
-    lowered = precision == "bf16" or (precision == "fp16" and runtime == "openvino")  # fp16 on auto: maybe a GPU
-    if lowered and runtime != "onnxruntime" and not supports(precision, features):
-        engine = "AMX-BF16 or AVX512-BF16" if precision == "bf16" else "AMX-FP16 or AVX512-FP16"
-        raise FpetError(f"{precision} needs a CPU with {engine}; this one has {', '.join(features) or 'neither'}")
+    if precision == "bf16" or (precision == "fp16" and runtime == "openvino"):  # fp16 on auto: maybe a GPU's
+        require_hardware(precision, features)
