@@ -10,7 +10,7 @@ Two forms, for two kinds of runtime (docs/benchmarks.md, "int8 bundles"). Dynami
 quantized per call, uint8) is the default and what onnxruntime's CPU provider runs fastest. Static quantization is
 QDQ calibrated on the run's training images, symmetric int8 on both sides (no zero points): the form OpenVINO turns
 into int8 products on AMX-INT8 or VNNI (with uint8 zero points it left their conversions and subtractions as separate
-layers, 25% of the time) and the only one TensorRT takes.
+layers, and ran slower than bf16) and the only one TensorRT takes.
 """
 
 from __future__ import annotations

@@ -45,12 +45,14 @@ def openvino_layers(model: Path, precision: str, feed: dict, runs: int) -> list[
               "NUM_STREAMS": 1, "INFERENCE_NUM_THREADS": 2}  # fmt: skip
     request = ov.Core().compile_model(str(model), "CPU", config).create_infer_request()
     times: dict[tuple[str, str, str], list[float]] = collections.defaultdict(list)
-    for _ in range(runs + 2):
+    for run in range(runs + 2):
         request.infer(feed)
+        if run < 2:  # warm-up: first runs allocate and pick kernels
+            continue
         for p in request.profiling_info:
             if p.status == p.Status.EXECUTED:
                 times[(p.node_name, p.node_type, p.exec_type)].append(p.real_time.total_seconds() * 1000)
-    return [(*key, statistics.median(values[2:])) for key, values in times.items()]
+    return [(*key, statistics.median(values)) for key, values in times.items()]
 
 
 def onnxruntime_layers(model: Path, feed: dict, runs: int) -> list[tuple[str, str, str, float]]:
@@ -89,11 +91,11 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--top", type=int, default=12, help="node types shown")
     args = parser.parse_args()
-    for bundle in args.bundles:
-        manifest = read_manifest(bundle)
+    manifests = [read_manifest(bundle) for bundle in args.bundles]
+    # one split for all, so that a backbone's blocks line up with its fpet's before and after the merge
+    merge_block = next((m["merge_maps"]["points"][0]["block"] for m in manifests if m.get("merge_maps")), None)
+    for bundle, manifest in zip(args.bundles, manifests, strict=True):
         size = manifest["img_size"]
-        points = (manifest.get("merge_maps") or {}).get("points") or [None]
-        merge_block = points[0]["block"] if points[0] else None
         feed = {manifest["input"]["name"]: np.random.default_rng(0).random((args.batch_size, 3, size, size),
                                                                            dtype=np.float32)}  # fmt: skip
         model = bundle / manifest["files"]["onnx"]
