@@ -150,15 +150,21 @@ def load_run(
     model = build_model(config)
     if tensors is not None:
         load_backbone(model, tensors)
-    try:
-        tensors = load_file(str(run_dir / ADAPTERS))
-    except SafetensorError as exc:
-        raise FpetError(f"{run_dir / ADAPTERS} is damaged (not readable safetensors: {exc})") from None
+    tensors = read_adapters(run_dir)
     if schedule is not None:
         wanted = {name for name, p in model.named_parameters() if p.requires_grad}
         tensors = {k: v for k, v in tensors.items() if k in wanted or ".merger." not in k}
     load_trainable_state_dict(model, tensors)
     return model.eval(), config
+
+
+def read_adapters(run_dir: str | Path) -> dict[str, torch.Tensor]:
+    """A run's trained tensors (safetensors: nothing in the file can run code)."""
+    path = Path(run_dir) / ADAPTERS
+    try:
+        return load_file(str(path))
+    except SafetensorError as exc:
+        raise FpetError(f"{path} is damaged (not readable safetensors: {exc})") from None
 
 
 def save_resume(run_dir: Path, state: dict) -> None:

@@ -30,6 +30,10 @@ class TrainConfig:
     min_lr: float = 1e-5
     weight_decay: float = 1e-4
     head_init: str = "random"  # "probe": the head starts as a linear probe of the frozen features (LP-FT)
+    init_from: str | None = None  # a run folder whose trained tensors (adapters, head) this run starts from
+    teacher: str | None = None  # a run folder whose softened predictions the loss also follows
+    distill_weight: float = 1.0  # weight of the distillation term added to the cross-entropy
+    distill_temperature: float = 2.0
     drop_path: float = 0.1
     seed: int = 0
     eval_every: int = 10

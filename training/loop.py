@@ -26,6 +26,7 @@ from fpet.weights import load_backbone
 from training import checkpoint
 from training.config import TrainConfig
 from training.data import ImageSet, Preprocessing, open_split, split_train_val
+from training.teacher import teacher_logits, training_loss, warm_start
 
 # Settings that may differ when a run is resumed; anything else must match the interrupted run. `out` is where the
 # interrupted run was found (it may have been moved there); `data` is compared as the folder it names.
@@ -161,7 +162,9 @@ def check_settings(cfg: TrainConfig) -> None:
     not_negative = {"--train-size": cfg.train_size, "--val-size": cfg.val_size, "--warmup-lr": cfg.warmup_lr,
                     "--warmup-epochs": cfg.warmup_epochs, "--min-lr": cfg.min_lr,
                     "--weight-decay": cfg.weight_decay}  # fmt: skip
-    numbers = {**at_least_one, **not_negative, "--lr": cfg.lr, "--scale": cfg.scale, "--drop-path": cfg.drop_path}
+    not_negative["--distill-weight"] = cfg.distill_weight
+    numbers = {**at_least_one, **not_negative, "--lr": cfg.lr, "--scale": cfg.scale, "--drop-path": cfg.drop_path,
+               "--distill-temperature": cfg.distill_temperature}  # fmt: skip
     for flag, value in numbers.items():
         if not math.isfinite(value):
             raise FpetError(f"{flag} must be a finite number, not {value}")
@@ -177,6 +180,13 @@ def check_settings(cfg: TrainConfig) -> None:
         raise FpetError(f"--drop-path is a probability below 1, not {cfg.drop_path}")
     if cfg.head_init not in ("random", "probe"):
         raise FpetError(f"unknown --head-init {cfg.head_init!r}; choose random or probe")
+    if cfg.distill_temperature <= 0:
+        raise FpetError(f"--distill-temperature must be positive, not {cfg.distill_temperature}")
+    if cfg.init_from and cfg.head_init == "probe":
+        raise FpetError("--init-from already gives the head its trained weights: leave out --head-init probe")
+    for flag, run in (("--init-from", cfg.init_from), ("--teacher", cfg.teacher)):
+        if run is not None:
+            checkpoint.read_config(run)  # a missing or damaged run folder is refused before any work
 
 
 def check_writable(out: Path) -> None:
@@ -236,6 +246,15 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
     if backbone_tensors is not None:
         load_backbone(model, backbone_tensors)
     model.to(device)
+    if cfg.init_from and not cfg.resume:
+        fresh = warm_start(model, cfg.init_from, run_config)
+        say(f"started from {cfg.init_from}" + (f"; new: {', '.join(fresh)}" if fresh else ""))
+    soft_targets = None
+    if cfg.teacher:
+        start = time.monotonic()
+        soft_targets = teacher_logits(cfg.teacher, run_config, train_set, pre, device, cfg.eval_batch_size)
+        say(f"teacher {cfg.teacher}: logits of the {len(train_set)} training images in "
+            f"{time.monotonic() - start:.1f} s")  # fmt: skip
     if cfg.head_init == "probe" and not cfg.resume:
         start = time.monotonic()
         fit_probe(model, train_set, pre, device)
@@ -290,8 +309,9 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
                 group["lr"] = lr_at(epoch * steps_per_epoch + i, total, warmup, cfg)
             x = pre.to_input(train_set.pixels[index].to(device, non_blocking=True))
             y = train_set.labels[index].to(device)
+            soft = soft_targets[index].to(device) if soft_targets is not None else None
             with torch.autocast(device.type, dtype=amp_dtype, enabled=device.type == "cuda"):
-                loss = F.cross_entropy(ddp(x).float(), y)
+                loss = training_loss(ddp(x).float(), y, soft, cfg.distill_weight, cfg.distill_temperature)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
