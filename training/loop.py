@@ -185,8 +185,11 @@ def check_settings(cfg: TrainConfig) -> None:
     if cfg.init_from and cfg.head_init == "probe":
         raise FpetError("--init-from already gives the head its trained weights: leave out --head-init probe")
     for flag, run in (("--init-from", cfg.init_from), ("--teacher", cfg.teacher)):
-        if run is not None:
-            checkpoint.read_config(run)  # a missing or damaged run folder is refused before any work
+        if run is not None:  # a missing or damaged run folder is refused before any work
+            try:
+                checkpoint.read_config(run)
+            except FpetError as exc:
+                raise FpetError(f"{flag}: {exc}") from None
 
 
 def check_writable(out: Path) -> None:
