@@ -128,7 +128,7 @@ def test_a_warm_start_needs_the_same_pet_and_refuses_a_probe_head(data, source, 
         train(tiny_config(data, tmp_path / "b", width=4, init_from=str(source)), log=quiet)
     with pytest.raises(FpetError, match="leave out --head-init probe"):
         train(tiny_config(data, tmp_path / "c", head_init="probe", init_from=str(source)), log=quiet)
-    with pytest.raises(FpetError, match="--teacher: .* is not a complete run folder"):
+    with pytest.raises(FpetError, match=r"--teacher: .* is not a complete run folder"):
         train(tiny_config(data, tmp_path / "d", teacher=str(tmp_path)), log=quiet)
     with pytest.raises(FpetError, match="--distill-temperature must be positive"):
         train(tiny_config(data, tmp_path / "e", teacher=str(source), distill_temperature=0), log=quiet)
