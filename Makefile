@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run bundles test lint format setup clean
+.PHONY: run bundles test lint format setup tools clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,7 +29,11 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-test: lint
+# NVIDIA's perf_analyzer for the Triton-compatibility tests (needs Debian's libb64-0d; no GPU).
+tools: $(STAMP)
+	PIP=$(BIN)/pip ./bench/perf_analyzer.sh >/dev/null
+
+test: lint tools
 	$(BIN)/pytest
 
 format: $(STAMP)
@@ -37,4 +41,4 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix .
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) .tools .pytest_cache .ruff_cache *.egg-info

@@ -145,15 +145,27 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--head-init", default=d.head_init, choices=["random", "probe"],
                    help="probe: fit the head on the frozen features first (LP-FT), so short runs start from a "
                    "working classifier")  # fmt: skip
-    p.add_argument("--init-from", metavar="RUN", default=d.init_from,
-                   help="start from a trained run's adapters and head (same backbone, method, width, labels and "
-                   "image size); only what it lacks, such as the merge's refinement adapter, starts fresh")
-    p.add_argument("--teacher", metavar="RUN", default=d.teacher,
-                   help="distil from a trained run (same backbone, labels and image size), typically the same PET "
-                   "without merging: its logits on the training images are computed once")
-    p.add_argument("--distill-weight", type=float, default=d.distill_weight,
-                   help="weight of the KL term between the teacher's and the model's softened predictions, added "
-                   "to the cross-entropy (0: plain cross-entropy)")
+    p.add_argument(
+        "--init-from",
+        metavar="RUN",
+        default=d.init_from,
+        help="start from a trained run's adapters and head (same backbone, method, width, labels and "
+        "image size); only what it lacks, such as the merge's refinement adapter, starts fresh",
+    )
+    p.add_argument(
+        "--teacher",
+        metavar="RUN",
+        default=d.teacher,
+        help="distil from a trained run (same backbone, labels and image size), typically the same PET "
+        "without merging: its logits on the training images are computed once",
+    )
+    p.add_argument(
+        "--distill-weight",
+        type=float,
+        default=d.distill_weight,
+        help="weight of the KL term between the teacher's and the model's softened predictions, added "
+        "to the cross-entropy (0: plain cross-entropy)",
+    )
     p.add_argument("--distill-temperature", type=float, default=d.distill_temperature,
                    help="softmax temperature of both sides of the KL term")  # fmt: skip
     p.add_argument("--warmup-lr", type=float, default=d.warmup_lr)

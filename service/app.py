@@ -26,7 +26,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 import fpet
 from service import lifecycle, metrics
 from service.errors import ServiceError
-from service.routes import classify, explain, health, models, oip, page
+from service.routes import classify, explain, health, models, oip, page, triton
 from service.settings import Settings
 from service.state import State, drain, load, start_batchers
 
@@ -151,7 +151,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app.add_middleware(RequestContext, state=state)
     add_error_handlers(app)
-    for router in (classify.router, explain.router, oip.router, models.router, health.router, page.router):
+    for router in (
+        classify.router,
+        explain.router,
+        oip.router,
+        triton.router,
+        models.router,
+        health.router,
+        page.router,
+    ):  # triton before models: /v2/models/stats is not a model
         app.include_router(router)
     add_offline_docs(app)
     page.mount_static(app)

@@ -12,6 +12,7 @@ import json
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 import numpy as np
@@ -30,6 +31,7 @@ from service.runtime import ModelRunner, Task
 from service.schemas import JsonRequest, Prediction
 from service.settings import Settings
 from service.state import State
+from service.statistics import Statistics
 
 T = TypeVar("T")
 
@@ -46,15 +48,26 @@ def check_key(request: Request, settings: Settings) -> None:
         raise ServiceError(401, "unauthorized", "a valid API key is required (Authorization: Bearer or X-API-Key)")
 
 
+@dataclass
+class Served:
+    """What a request answered, filled in by its route: the images, and the stage timings of a success."""
+
+    images: int = 0
+    timing: dict[str, float] = field(default_factory=dict)
+
+
 @contextlib.contextmanager
-def accounted(model: str, provider: str, start: float, task: str | None = None) -> Iterator[None]:
+def accounted(
+    model: str, provider: str, start: float, task: str | None = None, stats: Statistics | None = None
+) -> Iterator[Served]:
     """Every request to a model counts once: in flight while it runs, then its code (499: cancelled, never answered),
     error reason and latency (by task too for a multi-task model's; `task` must be one the model serves, so the label
-    set stays closed)."""
+    set stays closed), and in Triton's statistics when `stats` is given."""
     metrics.IN_FLIGHT.labels(model).inc()
     code, reason = 200, None
+    served = Served()
     try:
-        yield
+        yield served
     except ServiceError as exc:
         code, reason = exc.status, exc.error_type
         raise
@@ -74,6 +87,8 @@ def accounted(model: str, provider: str, start: float, task: str | None = None) 
         if task is not None:
             metrics.TASK_REQUESTS.labels(model, task, str(code)).inc()
             metrics.TASK_REQUEST_SECONDS.labels(model, task).observe(elapsed)
+        if stats is not None:
+            stats.request(model, task, code == 200, elapsed, served.images, served.timing)
         RECENT.observe(model, elapsed)
 
 
@@ -249,13 +264,16 @@ async def batched(
     return results
 
 
-def finished(request: Request, model: str, start: float, postprocess_started: float) -> None:
+def finished(request: Request, model: str, start: float, postprocess_started: float, served: Served,
+             images: int) -> None:  # fmt: skip
+    """A success: its stage timings into the metrics and into what `accounted` counts."""
     timing = request.state.timing
     timing["postprocess"] = (time.perf_counter() - postprocess_started) * 1000
     timing["total"] = (time.perf_counter() - start) * 1000
     for stage in metrics.STAGES:
         if stage in timing:
             metrics.STAGE_SECONDS.labels(model, stage).observe(timing[stage] / 1000)
+    served.images, served.timing = images, timing
 
 
 def top_predictions(logits: np.ndarray, labels: list[str], k: int) -> list[Prediction]:

@@ -20,6 +20,7 @@ from service.batcher import MicroBatcher
 from service.errors import ServiceError
 from service.runtime import ModelRunner
 from service.settings import Settings
+from service.statistics import Statistics
 
 log = logging.getLogger("fpet.service")
 CPU_MAX = Path("/sys/fs/cgroup/cpu.max")  # cgroup v2: "QUOTA PERIOD", or "max PERIOD" without a CPU limit
@@ -52,6 +53,7 @@ class State:
         # rather than asyncio's default pool: no context copy per call, and they show by name in a profile.
         self.decode_pool = ThreadPoolExecutor(available_cores(), "decode")
         self.explain_slots = asyncio.Semaphore(settings.explain_concurrency)
+        self.stats = Statistics()
         self.in_flight = 0
         self.last_arrival = 0.0
 
@@ -119,6 +121,9 @@ def load(state: State) -> None:
         runner.warm_up(state.max_batch(runner))
         state.runners[runner.name] = runner
         metrics.initialise(runner.name, list(runner.tasks))
+        oip_tasks = runner.name == settings.default_model  # state.target: tasks are the default variant's
+        for task in runner.tasks or [None]:
+            state.stats.register(runner.name, task, runner.name if task is None else task if oip_tasks else None)
         m = runner.manifest
         metrics.INFO.labels(runner.name, m["version"], m["backbone"]["name"], runner.provider, m["precision"],
                             m["schedule"], runner.runtime, runner.precision,
@@ -150,6 +155,7 @@ def start_batchers(state: State) -> None:
             metrics.BATCH_SIZE.labels(name).observe(size)
             metrics.BATCHES.labels(name).inc()
             metrics.IMAGES.labels(name).inc(size)
+            state.stats.batch(name, size, seconds)
 
         batcher = MicroBatcher(
             runner.run, executor, max_batch=state.max_batch(runner), max_delay=settings.max_delay_ms / 1000,

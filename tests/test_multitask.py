@@ -218,6 +218,12 @@ def test_task_routes_errors_listing_and_metrics(client):
     answer = client.post("/v2/models/colours/infer", json=oip)
     assert answer.status_code == 200, answer.text
     assert answer.json()["model_name"] == "colours" and answer.json()["outputs"][0]["data"][0].split(":")[2] in "xy"
+    config = client.get("/v2/models/colours/config").json()
+    assert config["name"] == "colours" and [o["dims"] for o in config["output"]] == [[2], [2]]
+    assert client.get("/v2/models/fpet/config").status_code == 404  # several tasks: each is a model of its own
+    (colours,) = client.get("/v2/models/colours/stats").json()["model_stats"]
+    assert colours["inference_stats"]["success"]["count"] >= 1 and colours["inference_count"] >= 1
+    assert {s["name"] for s in client.get("/v2/models/stats").json()["model_stats"]} == {*TASKS}
     metrics = client.get("/metrics").text
     assert 'fpet_task_requests_total{code="200",model="fpet",task="shapes"}' in metrics
     assert 'fpet_task_requests_total{code="200",model="fpet",task="colours"}' in metrics

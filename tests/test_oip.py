@@ -122,7 +122,12 @@ def test_metadata_version_and_request_id(client):
     meta = client.get_model_metadata("fpet")
     assert {i["name"]: i["datatype"] for i in meta["inputs"]} == {"image": "BYTES", "pixel_values": "FP32"}
     assert {o["name"] for o in meta["outputs"]} == {"probabilities", "logits"}
-    assert client.get_server_metadata()["extensions"] == ["binary_tensor_data", "classification"]
+    assert client.get_server_metadata()["extensions"] == [
+        "binary_tensor_data",
+        "classification",
+        "model_configuration",
+        "statistics",
+    ]
     assert client.is_server_live() and client.is_model_ready("fpet")
     version = meta["versions"][0]
     result = client.infer("fpet", [image_input(IMAGES[:1])], model_version=version, request_id="req-42")

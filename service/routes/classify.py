@@ -36,14 +36,14 @@ async def classify_with(
     start = time.perf_counter()
     runner = state.runner(model)
     task = runner.task(task_name)
-    with accounted(model, runner.provider, start, task.name):
+    with accounted(model, runner.provider, start, task.name, state.stats) as served:
         async with admitted(request, state, model) as ticket:
             raw = await read_images(request, state.settings)
             arrays = await prepared(request, state, runner, raw, deadline_of(request, state.settings, start))
             results = await batched(request, state, model, arrays, start, ticket, task)
         t = time.perf_counter()
         per_image = [top_predictions(r.logits, task.labels, top_k) for r in results]
-        finished(request, model, start, t)
+        finished(request, model, start, t, served, len(results))
         return ClassifyResponse(
             request_id=request.state.request_id, model=model, task=task.name,
             model_version=runner.manifest["version"],

@@ -23,9 +23,9 @@ def metadata(state: State, runner: ModelRunner, task: str | None = None) -> dict
     settings = state.settings
     classes = len(runner.task(task).labels) if task or not runner.tasks else m["num_classes"]
     return {
-        "name": task or runner.name, "versions": [m["version"]],
+        "name": task or runner.name, "versions": [oip.VERSION], "bundle_version": m["version"],
         "platform": "openvino" if runner.runtime == "openvino" else "onnxruntime_onnx",
-        "inputs": [{"name": oip.IMAGE, "datatype": "BYTES", "shape": [-1]},
+        "inputs": [{"name": oip.IMAGE, "datatype": "BYTES", "shape": [-1, 1]},
                    {"name": oip.PIXELS, "datatype": "FP32", "shape": [-1, 3, size, size]}],
         "outputs": [{"name": name, "datatype": "FP32", "shape": [-1, classes]} for name in oip.OUTPUTS],
         "execution_provider": runner.provider, "requested_providers": runner.requested,

@@ -26,11 +26,10 @@ async def infer_with(request: Request, state: State, name: str, version: str | N
     model, task_name = state.target(name)
     runner = state.runner(model)
     task = runner.task(task_name)
-    if version is not None and version != runner.manifest["version"]:
-        raise ServiceError(404, "model_not_found", f"{model} has no version {version!r}; it serves "
-                                                   f"{runner.manifest['version']!r}")  # fmt: skip
+    if version is not None and version != oip.VERSION:
+        raise ServiceError(404, "model_not_found", f"{model} has no version {version!r}; it serves {oip.VERSION!r}")
     settings = state.settings
-    with accounted(model, runner.provider, start, task.name):
+    with accounted(model, runner.provider, start, task.name, state.stats) as served:
         async with admitted(request, state, model) as ticket:
             body = await read_body(request, settings)
             parsed = oip.parse_request(body, request.headers.get(oip.HEADER_LENGTH), runner.img_size)
@@ -45,8 +44,8 @@ async def infer_with(request: Request, state: State, name: str, version: str | N
         t = time.perf_counter()
         logits = np.stack([r.logits for r in results])
         logits = logits[:, : len(task.labels)]
-        content, headers = oip.encode_response(parsed, name, runner.manifest["version"], logits, task.labels)
-        finished(request, model, start, t)
+        content, headers = oip.encode_response(parsed, name, oip.VERSION, logits, task.labels)
+        finished(request, model, start, t, served, len(results))
         return Response(content, headers=headers)
 
 
@@ -62,4 +61,8 @@ async def infer_version(request: Request, state: StateDep, model: str, version: 
 
 @router.get("/v2", summary="Server metadata (OIP v2)")
 async def server_metadata() -> dict:
-    return {"name": "fpet", "version": fpet.__version__, "extensions": ["binary_tensor_data", "classification"]}
+    return {
+        "name": "fpet",
+        "version": fpet.__version__,
+        "extensions": ["binary_tensor_data", "classification", "model_configuration", "statistics"],
+    }
