@@ -52,7 +52,7 @@ RUN python -m cli.main export /run --variant fpet --format onnx --out /bundles/f
 
 FROM ${PYTHON_IMAGE} AS cpu
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 \
-    FPET_HOST=0.0.0.0 FPET_PORT=8000 FPET_BUNDLES=/models/fpet,/models/backbone
+    FPET_HOST=0.0.0.0 FPET_PORT=8000 FPET_GRPC_PORT=8001 FPET_BUNDLES=/models/fpet,/models/backbone
 COPY deploy/requirements-serve.txt /tmp/requirements-serve.txt
 # OpenVINO serves on CPUs with a bf16 matrix engine (FPET_RUNTIME=auto); of its wheel the image keeps the CPU plugin
 # and the ONNX reader: the GPU and NPU plugins, the other frameworks' readers and the C++ headers go (-70 MB);
@@ -69,7 +69,7 @@ RUN pip install --no-cache-dir --no-deps /wheels/*.whl && rm -rf /wheels
 WORKDIR /app
 COPY samples ./samples
 USER 1000
-EXPOSE 8000
+EXPOSE 8000 8001
 STOPSIGNAL SIGTERM
 # Start period above model load + warm-up (a few seconds on a CPU for the default model).
 HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 \
@@ -83,7 +83,7 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/* \
     && python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 \
-    FPET_HOST=0.0.0.0 FPET_PORT=8000 FPET_BUNDLES=/models/fpet,/models/backbone \
+    FPET_HOST=0.0.0.0 FPET_PORT=8000 FPET_GRPC_PORT=8001 FPET_BUNDLES=/models/fpet,/models/backbone \
     FPET_PROVIDERS=cuda FPET_ALLOW_CPU_FALLBACK=false
 COPY deploy/requirements-serve.txt /tmp/requirements-serve.txt
 RUN pip install --no-cache-dir -r /tmp/requirements-serve.txt onnxruntime-gpu==1.20.2 \
@@ -95,7 +95,7 @@ RUN pip install --no-cache-dir --no-deps /wheels/*.whl && rm -rf /wheels
 WORKDIR /app
 COPY samples ./samples
 USER 1000
-EXPOSE 8000
+EXPOSE 8000 8001
 STOPSIGNAL SIGTERM
 HEALTHCHECK --interval=10s --timeout=3s --start-period=120s --retries=3 \
     CMD ["python", "-c", "import sys, urllib.request; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/readyz', timeout=2).status != 200)"]

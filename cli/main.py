@@ -561,6 +561,7 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--host", help="default 127.0.0.1 (FPET_HOST)")
     p.add_argument("--port", type=int, help="default 8000 (FPET_PORT)")
+    p.add_argument("--grpc-port", type=int, help="also serve the OIP over gRPC here (FPET_GRPC_PORT; default off)")
     p.add_argument(
         "--bundle", dest="bundles", action="append", help="bundle folder (repeat); default: the default model's two"
     )

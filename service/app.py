@@ -129,6 +129,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             lifecycle.unregister(state)
             return
         start_batchers(state)
+        grpc_server = None
+        if settings.grpc_port is not None:
+            from service.grpc_server import start  # grpcio only when gRPC is asked for
+
+            grpc_server = await start(state, settings.grpc_port, settings.host)
         fallbacks = [n for n, r in state.runners.items() if r.fell_back]
         if fallbacks and not settings.allow_cpu_fallback:
             fell_back = ", ".join(fallbacks)
@@ -137,6 +142,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             state.set_ready(True)
         yield
         await drain(state)
+        if grpc_server is not None:
+            await grpc_server.stop(grace=1.0)
         lifecycle.unregister(state)
 
     app = FastAPI(

@@ -28,6 +28,7 @@ HEADER_LENGTH = "inference-header-content-length"
 # tools read versions as integers (perf_analyzer parses them with stoll). The bundle's own content version is
 # `bundle_version` in the metadata.
 VERSION = "1"
+EXTENSIONS = ["binary_tensor_data", "classification", "model_configuration", "statistics"]
 
 
 def bad(message: str) -> ServiceError:
@@ -236,27 +237,44 @@ def classification(values: np.ndarray, k: int, labels: list[str]) -> np.ndarray:
     return np.array(rows, dtype=object)
 
 
-def encode_response(
-    request: InferRequest, model: str, version: str, logits: np.ndarray, labels: list[str]
-) -> tuple[bytes, dict[str, str]]:
-    """The response body and its headers; binary outputs follow the JSON header in the order listed."""
+@dataclass(frozen=True)
+class OutputTensor:
+    name: str
+    datatype: str
+    shape: list[int]
+    raw: bytes  # as binary data (HTTP's extension, gRPC's raw_output_contents)
+    values: list  # as JSON data
+
+
+def output_tensors(request: InferRequest, logits: np.ndarray, labels: list[str]) -> list[OutputTensor]:
+    """The outputs the request asked for, in its order: scores, or their top-k as Triton's classification strings."""
     tensors = {LOGITS: logits.astype(np.float32), PROBABILITIES: softmax(logits.astype(np.float32))}
-    outputs, tail = [], []
+    outputs = []
     for want in request.outputs:
         values = tensors[want.name]
         if want.classification:
             top = classification(values, min(want.classification, values.shape[1]), labels)
-            datatype, shape = "BYTES", list(top.shape)
-            raw, json_data = serialize_bytes(list(top.reshape(-1))), [b.decode() for b in top.reshape(-1)]
+            flat = list(top.reshape(-1))
+            outputs.append(OutputTensor(want.name, "BYTES", list(top.shape), serialize_bytes(flat),
+                                        [b.decode() for b in flat]))  # fmt: skip
         else:
-            datatype, shape = "FP32", list(values.shape)
-            raw, json_data = values.astype("<f4").tobytes(), values.reshape(-1).tolist()
-        entry: dict = {"name": want.name, "datatype": datatype, "shape": shape}
+            outputs.append(OutputTensor(want.name, "FP32", list(values.shape), values.astype("<f4").tobytes(),
+                                        values.reshape(-1).tolist()))  # fmt: skip
+    return outputs
+
+
+def encode_response(
+    request: InferRequest, model: str, version: str, logits: np.ndarray, labels: list[str]
+) -> tuple[bytes, dict[str, str]]:
+    """The response body and its headers; binary outputs follow the JSON header in the order listed."""
+    outputs, tail = [], []
+    for want, tensor in zip(request.outputs, output_tensors(request, logits, labels), strict=True):
+        entry: dict = {"name": tensor.name, "datatype": tensor.datatype, "shape": tensor.shape}
         if want.binary:
-            entry["parameters"] = {"binary_data_size": len(raw)}
-            tail.append(raw)
+            entry["parameters"] = {"binary_data_size": len(tensor.raw)}
+            tail.append(tensor.raw)
         else:
-            entry["data"] = json_data
+            entry["data"] = tensor.values
         outputs.append(entry)
     head: dict = {"model_name": model, "model_version": version, "outputs": outputs}
     if request.id is not None:

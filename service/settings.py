@@ -18,6 +18,9 @@ class Settings(BaseSettings):
     default_model: str = "fpet"
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
+    grpc_port: int | None = Field(
+        None, ge=0, le=65535, description="also serve the OIP over gRPC on this port (Triton's is 8001); off if unset"
+    )
     workers: int = Field(1, ge=1, description="uvicorn workers; on a GPU scale with replicas instead")
     runtime: Literal["auto", "onnxruntime", "openvino"] = Field(
         "auto", description="auto: OpenVINO where the CPU has a bf16 matrix engine (AMX, AVX512-BF16) and no GPU is "

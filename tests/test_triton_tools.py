@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from tests.test_oip import IMAGES, image_input
-from tests.test_service_e2e import start_server
+from tests.test_service_e2e import free_port, start_server
 
 ROOT = Path(__file__).resolve().parents[1]
 PERF_ANALYZER = ROOT / ".tools" / "perf_analyzer"
@@ -25,12 +25,20 @@ httpclient = pytest.importorskip("tritonclient.http", reason="pip install 'trito
 
 
 @pytest.fixture(scope="module")
-def server(tiny_bundles, tmp_path_factory):
-    flags = ("--max-images", "8", "--max-batch-size", "4", "--max-delay-ms", "3", "--max-queue-images", "40")
+def endpoints(tiny_bundles, tmp_path_factory):
+    """The server's HTTP base URL and gRPC address."""
+    grpc_port = free_port()
+    flags = ("--max-images", "8", "--max-batch-size", "4", "--max-delay-ms", "3", "--max-queue-images", "40",
+             "--grpc-port", str(grpc_port))  # fmt: skip
     process, base = start_server(tiny_bundles, tmp_path_factory.mktemp("tools"), *flags)
-    yield base
+    yield {"http": base, "grpc": f"127.0.0.1:{grpc_port}"}
     process.terminate()
     process.wait()
+
+
+@pytest.fixture(scope="module")
+def server(endpoints):
+    return endpoints["http"]
 
 
 def stats(base: str, model: str = "fpet") -> dict:
@@ -97,16 +105,18 @@ def reported(output: str, label: str) -> int:
     return int(re.findall(rf"{label}: (\d+)", output)[-1])
 
 
-@pytest.mark.parametrize("batch", [1, 2])
-def test_perf_analyzer_measures_pixel_values_and_the_server_side_counts_agree(server, tmp_path, batch):
+@pytest.mark.parametrize("protocol, batch", [("http", 1), ("http", 2), ("grpc", 1), ("grpc", 2)])
+def test_perf_analyzer_measures_pixel_values_and_the_server_side_counts_agree(endpoints, tmp_path, protocol, batch):
+    server = endpoints["http"]
     data = tmp_path / "pixels.json"
     pixels = np.random.default_rng(0).random((3, 64, 64), dtype=np.float32)
     data.write_text(
         json.dumps({"data": [{"pixel_values": {"content": pixels.ravel().tolist(), "shape": [3, 64, 64]}}]})
     )
     before = stats(server)
-    output = perf_analyzer("-m", "fpet", "-u", server.removeprefix("http://"), "-b", str(batch), "--input-data",
-                           str(data), "--concurrency-range", "2")  # fmt: skip
+    address = server.removeprefix("http://") if protocol == "http" else endpoints["grpc"]
+    output = perf_analyzer("-m", "fpet", "-i", protocol, "-u", address, "-b", str(batch), "--input-data", str(data),
+                           "--concurrency-range", "2")  # fmt: skip
     client, served = reported(output, "Request count"), reported(output, "Successful request count")
     assert abs(client - served) <= 2, output
     assert reported(output, "Inference count") == pytest.approx(served * batch, abs=2 * batch), output
@@ -115,12 +125,15 @@ def test_perf_analyzer_measures_pixel_values_and_the_server_side_counts_agree(se
     )
 
 
-def test_perf_analyzer_sends_real_encoded_images(server, tmp_path):
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_perf_analyzer_sends_real_encoded_images(endpoints, tmp_path, protocol):
+    server = endpoints["http"]
+    address = server.removeprefix("http://") if protocol == "http" else endpoints["grpc"]
     data = tmp_path / "images.json"
     serialized = b"".join(struct.pack("<I", len(image)) + image for image in IMAGES[:1])
     data.write_text(json.dumps({"data": [{"image": {"b64": base64.b64encode(serialized).decode(), "shape": [1]}}]}))
     before = stats(server)
-    output = perf_analyzer("-m", "fpet", "-u", server.removeprefix("http://"), "--input-data", str(data))
+    output = perf_analyzer("-m", "fpet", "-i", protocol, "-u", address, "--input-data", str(data))
     after = stats(server)
     assert reported(output, "Successful request count") > 0
     assert after["inference_stats"]["compute_input"]["ns"] > before["inference_stats"]["compute_input"]["ns"]

@@ -1,0 +1,215 @@
+"""The Open Inference Protocol over gRPC (`inference.GRPCInferenceService`, as Triton serves it on port 8001), and
+`grpc.health.v1`, on the service's own event loop: the same admission, limits, batcher, metrics, readiness and
+drain as HTTP. The message types and the service stubs are the ones `tritonclient` ships, so nothing is compiled
+here; repository control is answered UNIMPLEMENTED (the service loads its bundles at start)."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from types import SimpleNamespace
+
+import grpc
+import numpy as np
+from google.protobuf import json_format
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
+
+import fpet
+from service import inference, oip
+from service.errors import ServiceError
+from service.routes.models import metadata
+from service.routes.triton import model_config, resolve
+from service.runtime import ModelRunner, Task
+from service.state import State
+
+log = logging.getLogger("fpet.service")
+HEALTH_SERVICE = "inference.GRPCInferenceService"
+CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED,
+         404: grpc.StatusCode.NOT_FOUND, 413: grpc.StatusCode.INVALID_ARGUMENT,
+         415: grpc.StatusCode.INVALID_ARGUMENT, 422: grpc.StatusCode.INVALID_ARGUMENT,
+         429: grpc.StatusCode.RESOURCE_EXHAUSTED, 499: grpc.StatusCode.CANCELLED,
+         503: grpc.StatusCode.UNAVAILABLE, 504: grpc.StatusCode.DEADLINE_EXCEEDED}  # fmt: skip
+
+
+class Call:
+    """What the request pipeline reads of an HTTP request, from a gRPC call: its metadata as headers (the API key,
+    a timeout) with the call's own deadline as X-Request-Timeout-Ms, and where the stage timings go."""
+
+    def __init__(self, context: grpc.aio.ServicerContext):
+        self.headers = {key.lower(): value for key, value in context.invocation_metadata() or ()
+                        if isinstance(value, str)}  # fmt: skip
+        remaining = context.time_remaining()
+        if remaining is not None:
+            self.headers["x-request-timeout-ms"] = str(max(remaining, 0.0) * 1000)
+        self.state = SimpleNamespace(timing={}, request_id=self.headers.get("x-request-id") or uuid.uuid4().hex)
+
+
+def parse_infer(message: service_pb2.ModelInferRequest, img_size: int) -> oip.InferRequest:
+    """A ModelInferRequest as the protocol module's request, through its checks: the input as typed contents or as
+    raw_input_contents (Triton's BYTES layout for `image`, little-endian floats for `pixel_values`)."""
+    if len(message.inputs) != 1:
+        raise oip.bad(f"give exactly one input: {oip.IMAGE!r} (BYTES, encoded images) or {oip.PIXELS!r} (FP32, "
+                      "preprocessed)")  # fmt: skip
+    tensor = message.inputs[0]
+    if len(message.raw_input_contents) > 1:
+        raise oip.bad("raw_input_contents must hold one entry, for the one input")
+    raw = message.raw_input_contents[0] if message.raw_input_contents else None
+    head = {"datatype": tensor.datatype, "shape": list(tensor.shape)}
+    images = pixels = None
+    if tensor.name == oip.IMAGE:
+        images = oip.read_images(head, raw if raw is not None else oip.serialize_bytes(tensor.contents.bytes_contents))
+    elif tensor.name == oip.PIXELS:
+        if raw is None:
+            if tensor.datatype != "FP32":
+                raise oip.bad(f"input {oip.PIXELS!r} as typed contents must be FP32 (fp32_contents)")
+            raw = np.asarray(tensor.contents.fp32_contents, dtype="<f4").tobytes()
+        pixels = oip.read_pixels(head, raw, img_size)
+    else:
+        raise oip.bad(f"unknown input {tensor.name!r}; inputs: {oip.IMAGE!r} (BYTES) or {oip.PIXELS!r} (FP32)")
+    outputs = []
+    for asked in message.outputs:
+        if asked.name not in oip.OUTPUTS:
+            raise oip.bad(f"unknown output {asked.name!r}; outputs: {', '.join(oip.OUTPUTS)}")
+        k = asked.parameters["classification"].int64_param if "classification" in asked.parameters else 0
+        if k < 0:
+            raise oip.bad(f"output {asked.name!r}: `classification` must be a non-negative integer")
+        outputs.append(oip.Requested(asked.name, True, k))
+    outputs = outputs or [oip.Requested(name, True) for name in oip.OUTPUTS]
+    return oip.InferRequest(message.id or None, images, pixels, outputs)
+
+
+def infer_response(
+    name: str, parsed: oip.InferRequest, logits: np.ndarray, task: Task
+) -> service_pb2.ModelInferResponse:
+    response = service_pb2.ModelInferResponse(model_name=name, model_version=oip.VERSION, id=parsed.id or "")
+    for tensor in oip.output_tensors(parsed, logits, task.labels):
+        response.outputs.add(name=tensor.name, datatype=tensor.datatype, shape=tensor.shape)
+        response.raw_output_contents.append(tensor.raw)
+    return response
+
+
+class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
+    """The protocol's calls, by their protobuf names."""
+
+    def __init__(self, state: State):
+        self.state = state
+
+    async def ServerLive(self, request, context):
+        return service_pb2.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request, context):
+        return service_pb2.ServerReadyResponse(ready=self.state.ready and not self.state.draining)
+
+    async def ModelReady(self, request, context):
+        """False, not an error, for a model or version that is not served: as HTTP's /ready answers tritonclient."""
+        try:
+            resolve(self.state, request.name, request.version or None)
+        except ServiceError:
+            return service_pb2.ModelReadyResponse(ready=False)
+        return service_pb2.ModelReadyResponse(ready=self.state.ready and not self.state.draining)
+
+    async def ServerMetadata(self, request, context):
+        return service_pb2.ServerMetadataResponse(name="fpet", version=fpet.__version__, extensions=oip.EXTENSIONS)
+
+    async def ModelMetadata(self, request, context):
+        async def describe() -> service_pb2.ModelMetadataResponse:
+            runner = resolve(self.state, request.name, request.version or None)
+            found = metadata(self.state, runner, request.name if runner.tasks else None)
+            tensors = service_pb2.ModelMetadataResponse.TensorMetadata
+            return service_pb2.ModelMetadataResponse(
+                name=request.name, versions=found["versions"], platform=found["platform"],
+                inputs=[tensors(name=t["name"], datatype=t["datatype"], shape=t["shape"]) for t in found["inputs"]],
+                outputs=[tensors(name=t["name"], datatype=t["datatype"], shape=t["shape"]) for t in found["outputs"]],
+            )  # fmt: skip
+
+        return await self.answer(context, describe)
+
+    async def ModelConfig(self, request, context):
+        async def config() -> service_pb2.ModelConfigResponse:
+            runner = resolve(self.state, request.name, request.version or None)
+            found = model_config(self.state, runner, request.name)
+            return service_pb2.ModelConfigResponse(config=json_format.ParseDict(found, model_config_pb2.ModelConfig()))
+
+        return await self.answer(context, config)
+
+    async def ModelStatistics(self, request, context):
+        async def statistics() -> service_pb2.ModelStatisticsResponse:
+            names = None
+            if request.name:
+                resolve(self.state, request.name, request.version or None)
+                names = [request.name]
+            found = {"model_stats": self.state.stats.snapshot(names)}
+            return json_format.ParseDict(found, service_pb2.ModelStatisticsResponse())
+
+        return await self.answer(context, statistics)
+
+    async def RepositoryIndex(self, request, context):
+        index = service_pb2.RepositoryIndexResponse()
+        for entry in self.state.stats.snapshot():
+            index.models.add(
+                name=entry["name"], version=oip.VERSION, state="READY" if self.state.ready else "UNAVAILABLE"
+            )
+        return index
+
+    async def ModelInfer(self, request, context):
+        call = Call(context)
+
+        async def read(runner: ModelRunner) -> oip.InferRequest:
+            return parse_infer(request, runner.img_size)
+
+        def answer(parsed: oip.InferRequest, logits: np.ndarray, task: Task) -> service_pb2.ModelInferResponse:
+            return infer_response(request.model_name, parsed, logits, task)
+
+        async def run() -> service_pb2.ModelInferResponse:
+            self.state.in_flight += 1  # the drain waits for gRPC calls as for HTTP requests
+            self.state.last_arrival = time.monotonic()
+            try:
+                return await inference.infer(call, self.state, request.model_name, request.model_version or None,
+                                             read, answer)  # fmt: skip
+            finally:
+                self.state.in_flight -= 1
+
+        return await self.answer(context, run)
+
+    async def answer(self, context: grpc.aio.ServicerContext, work):
+        """A ServiceError becomes its gRPC status with the same message; anything else is INTERNAL, logged."""
+        try:
+            return await work()
+        except ServiceError as exc:
+            await context.abort(CODES.get(exc.status, grpc.StatusCode.INTERNAL), exc.message)
+        except grpc.aio.AbortError:
+            raise
+        except Exception:
+            log.exception("gRPC call failed")
+            await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+
+
+class Health(health_pb2_grpc.HealthServicer):
+    """grpc.health.v1's Check, read from the service's readiness as it is now (what /readyz answers), for the server
+    ("") and the inference service by name."""
+
+    def __init__(self, state: State):
+        self.state = state
+
+    async def Check(self, request, context):
+        if request.service not in ("", HEALTH_SERVICE):
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown service {request.service!r}")
+        serving = self.state.ready and not self.state.draining
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        return health_pb2.HealthCheckResponse(status=status)
+
+
+async def start(state: State, port: int, host: str) -> grpc.aio.Server:
+    limit = state.settings.max_bytes
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", limit),
+                                      ("grpc.max_send_message_length", 64 * 2**20)])  # fmt: skip
+    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceService(state), server)
+    health_pb2_grpc.add_HealthServicer_to_server(Health(state), server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"cannot listen for gRPC on {host}:{port}")
+    await server.start()
+    log.info("gRPC (inference.GRPCInferenceService, grpc.health.v1) on %s:%d", host, bound)
+    return server
