@@ -5,7 +5,7 @@
 set -euo pipefail
 OUT=docs/bench/perf_analyzer
 PA="env $(./bench/perf_analyzer.sh)"
-.venv/bin/fpet serve --port 8400 --grpc-port 8401 > "$OUT/serve.log" 2>&1 &
+.venv/bin/fpet serve --port 8400 --grpc-port 8401 > /tmp/perf_analyzer_serve.log 2>&1 &
 SERVER=$!
 trap 'kill $SERVER' EXIT
 for _ in $(seq 120); do curl -sf 127.0.0.1:8400/readyz >/dev/null && break; sleep 1; done
