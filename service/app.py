@@ -131,9 +131,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         start_batchers(state)
         grpc_server = None
         if settings.grpc_port is not None:
-            from service.grpc_server import start  # grpcio only when gRPC is asked for
+            from service.grpc_server import GrpcServer  # grpcio only when gRPC is asked for
 
-            grpc_server = await start(state, settings.grpc_port, settings.host)
+            grpc_server = await GrpcServer.start(state, settings.grpc_port, settings.host)
         fallbacks = [n for n, r in state.runners.items() if r.fell_back]
         if fallbacks and not settings.allow_cpu_fallback:
             fell_back = ", ".join(fallbacks)
@@ -141,9 +141,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         else:
             state.set_ready(True)
         yield
+        if grpc_server is not None:  # calls in progress finish while the batchers still run
+            await grpc_server.stop()
         await drain(state)
-        if grpc_server is not None:
-            await grpc_server.stop(grace=1.0)
         lifecycle.unregister(state)
 
     app = FastAPI(

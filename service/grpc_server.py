@@ -5,6 +5,7 @@ here; repository control is answered UNIMPLEMENTED (the service loads its bundle
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
@@ -20,7 +21,7 @@ import fpet
 from service import inference, oip
 from service.errors import ServiceError
 from service.routes.models import metadata
-from service.routes.triton import model_config, resolve
+from service.routes.triton import model_config
 from service.runtime import ModelRunner, Task
 from service.state import State
 
@@ -105,7 +106,7 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
     async def ModelReady(self, request, context):
         """False, not an error, for a model or version that is not served: as HTTP's /ready answers tritonclient."""
         try:
-            resolve(self.state, request.name, request.version or None)
+            self.state.oip_model(request.name, request.version or None)[0]
         except ServiceError:
             return service_pb2.ModelReadyResponse(ready=False)
         return service_pb2.ModelReadyResponse(ready=self.state.ready and not self.state.draining)
@@ -115,7 +116,7 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     async def ModelMetadata(self, request, context):
         async def describe() -> service_pb2.ModelMetadataResponse:
-            runner = resolve(self.state, request.name, request.version or None)
+            runner = self.state.oip_model(request.name, request.version or None)[0]
             found = metadata(self.state, runner, request.name if runner.tasks else None)
             tensors = service_pb2.ModelMetadataResponse.TensorMetadata
             return service_pb2.ModelMetadataResponse(
@@ -128,7 +129,7 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     async def ModelConfig(self, request, context):
         async def config() -> service_pb2.ModelConfigResponse:
-            runner = resolve(self.state, request.name, request.version or None)
+            runner = self.state.oip_model(request.name, request.version or None)[0]
             found = model_config(self.state, runner, request.name)
             return service_pb2.ModelConfigResponse(config=json_format.ParseDict(found, model_config_pb2.ModelConfig()))
 
@@ -138,7 +139,7 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
         async def statistics() -> service_pb2.ModelStatisticsResponse:
             names = None
             if request.name:
-                resolve(self.state, request.name, request.version or None)
+                self.state.oip_model(request.name, request.version or None)[0]
                 names = [request.name]
             found = {"model_stats": self.state.stats.snapshot(names)}
             return json_format.ParseDict(found, service_pb2.ModelStatisticsResponse())
@@ -201,15 +202,38 @@ class Health(health_pb2_grpc.HealthServicer):
         return health_pb2.HealthCheckResponse(status=status)
 
 
-async def start(state: State, port: int, host: str) -> grpc.aio.Server:
-    limit = state.settings.max_bytes
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", limit),
-                                      ("grpc.max_send_message_length", 64 * 2**20)])  # fmt: skip
-    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceService(state), server)
-    health_pb2_grpc.add_HealthServicer_to_server(Health(state), server)
-    bound = server.add_insecure_port(f"{host}:{port}")
-    if bound == 0:
-        raise OSError(f"cannot listen for gRPC on {host}:{port}")
-    await server.start()
-    log.info("gRPC (inference.GRPCInferenceService, grpc.health.v1) on %s:%d", host, bound)
-    return server
+class GrpcServer:
+    """The gRPC server's life beside uvicorn's: it stops taking calls as soon as the drain begins (clients see
+    GOAWAY and reconnect elsewhere, as HTTP clients do after `Connection: close`), and the calls it had already taken
+    are answered, for up to the drain timeout, before the batchers stop."""
+
+    def __init__(self, server: grpc.aio.Server, grace: float):
+        self.server, self.grace = server, grace
+        self.stopping: asyncio.Task | None = None
+
+    @classmethod
+    async def start(cls, state: State, port: int, host: str) -> GrpcServer:
+        server = grpc.aio.server(options=[
+            ("grpc.max_receive_message_length", state.settings.max_bytes),
+            ("grpc.max_send_message_length", 64 * 2**20),
+            ("grpc.so_reuseport", 0),  # a port another server holds is an error, not silently shared traffic
+        ])  # fmt: skip
+        service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceService(state), server)
+        health_pb2_grpc.add_HealthServicer_to_server(Health(state), server)
+        try:
+            bound = server.add_insecure_port(f"{host}:{port}")
+        except RuntimeError as exc:
+            raise OSError(f"cannot listen for gRPC on {host}:{port}: {exc}") from None
+        await server.start()
+        log.info("gRPC (inference.GRPCInferenceService, grpc.health.v1) on %s:%d", host, bound)
+        running = cls(server, state.settings.drain_timeout_s)
+        state.drain_hooks.append(running.begin_stop)
+        return running
+
+    def begin_stop(self) -> None:
+        if self.stopping is None:
+            self.stopping = asyncio.ensure_future(self.server.stop(grace=self.grace))
+
+    async def stop(self) -> None:
+        self.begin_stop()
+        await self.stopping

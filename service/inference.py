@@ -30,11 +30,8 @@ async def infer(
     """`call`: the request as the pipeline reads it (its headers and `state.timing`: a Starlette request, or the
     gRPC call's stand-in); `read` parses its inputs once admitted; `answer` encodes the logits of the task's classes."""
     start = time.perf_counter()
-    model, task_name = state.target(name)
-    runner = state.runner(model)
-    task = runner.task(task_name)
-    if version is not None and version != oip.VERSION:
-        raise ServiceError(404, "model_not_found", f"{name} has no version {version!r}; it serves {oip.VERSION!r}")
+    runner, task_name = state.oip_model(name, version)
+    model, task = runner.name, runner.task(task_name)
     settings = state.settings
     with accounted(model, runner.provider, start, task.name, state.stats) as served:
         async with admitted(call, state, model) as ticket:

@@ -24,9 +24,9 @@ LOGITS, PROBABILITIES = "logits", "probabilities"
 OUTPUTS = (PROBABILITIES, LOGITS)
 NUMERIC = {"FP32": np.dtype("<f4"), "FP16": np.dtype("<f2")}
 HEADER_LENGTH = "inference-header-content-length"
-# Every served model is version 1 to the protocol, as in the Triton repository `fpet export --triton` writes: Triton's
-# tools read versions as integers (perf_analyzer parses them with stoll). The bundle's own content version is
-# `bundle_version` in the metadata.
+# Every served model is version 1 to the protocol, as in the Triton repository `fpet export --format triton` writes:
+# Triton's tools read versions as integers (perf_analyzer parses them with stoll). The bundle's own content version
+# is `bundle_version` in the metadata.
 VERSION = "1"
 EXTENSIONS = ["binary_tensor_data", "classification", "model_configuration", "statistics"]
 

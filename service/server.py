@@ -19,6 +19,7 @@ import tempfile
 import time
 from types import FrameType
 
+from fpet.errors import FpetError
 from fpet.runtimes import check_available
 from service import lifecycle
 from service.settings import Settings
@@ -66,6 +67,9 @@ def serve(overrides: dict) -> None:
     # A runtime or precision this machine cannot give is a one-line error now, not a service that never gets ready
     # (what depends on the bundles, such as an int8 bundle's precision, is checked as they load).
     check_available(settings.runtime, settings.precision)
+    if settings.grpc_port is not None and settings.workers > 1:
+        raise FpetError("gRPC is served by one process: use --workers 1 with --grpc-port (FPET_GRPC_PORT), and scale "
+                        "with replicas")  # fmt: skip
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # Workers and the factory read settings from the environment: pass the flags on that way.
     for name, value in settings.model_dump(exclude_none=True).items():

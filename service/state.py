@@ -8,6 +8,7 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Annotated
@@ -15,7 +16,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from fpet.paths import default_bundle_dir
-from service import metrics
+from service import metrics, oip
 from service.batcher import MicroBatcher
 from service.errors import ServiceError
 from service.runtime import ModelRunner
@@ -56,6 +57,7 @@ class State:
         self.stats = Statistics()
         self.in_flight = 0
         self.last_arrival = 0.0
+        self.drain_hooks: list[Callable[[], object]] = []  # called as the drain begins (the gRPC server's stop)
 
     def max_batch(self, runner: ModelRunner) -> int:
         return self.settings.max_batch_size or (32 if runner.on_gpu else 8)
@@ -76,6 +78,18 @@ class State:
             return default.name, name
         return name, None  # not served: state.runner says so
 
+    def oip_model(self, name: str, version: str | None) -> tuple[ModelRunner, str | None]:
+        """What an Open Inference Protocol model name means: a variant, or a task of the default variant's
+        multi-task bundle (whose variant name then names no OIP model), at the protocol's one version."""
+        variant, task = self.target(name)
+        runner = self.runner(variant)
+        if runner.tasks and task is None:
+            raise ServiceError(404, "model_not_found", f"{name!r} serves several tasks, each an OIP model of its own: "
+                                                       f"{', '.join(runner.tasks)}")  # fmt: skip
+        if version is not None and version != oip.VERSION:
+            raise ServiceError(404, "model_not_found", f"{name} has no version {version!r}; it serves {oip.VERSION!r}")
+        return runner, task
+
     def check_serving(self) -> None:
         if self.draining:
             raise ServiceError(503, "shutting_down", "the server is shutting down", {"Retry-After": "5"})
@@ -92,6 +106,8 @@ class State:
         """On the event loop, never in a signal handler: prometheus_client's locks are not re-entrant."""
         self.draining = True
         self.set_ready(False, "shutting down")
+        for hook in self.drain_hooks:
+            hook()
 
     def quiet_since(self, seconds: float) -> bool:
         """No request running and none arrived for `seconds`: what was sent before a SIGTERM has been answered."""
@@ -135,6 +151,10 @@ def load(state: State) -> None:
             metrics.FALLBACKS.labels(runner.name).inc()
         log.info("%s ready on %s, %s (%s; load %.1f s, warm-up %.1f s)", runner.name, runner.provider,
                  runner.precision, runner.runtime_reason, runner.load_seconds, runner.warmup_seconds)  # fmt: skip
+    default = state.runners.get(settings.default_model)
+    clash = sorted(set(default.tasks) & set(state.runners)) if default is not None else []
+    if clash:  # a task is an OIP model of its own: its name must not also name a variant
+        raise ServiceError(500, "internal_error", f"task {clash[0]!r} has the name of a served variant: rename it")
 
 
 def session_threads(settings: Settings) -> int:

@@ -40,7 +40,8 @@ class ModelStats:
 
 
 class Statistics:
-    """Written from the event loop (requests) and the inference threads (batches), so behind one lock. Kept per
+    """Written from the event loop, by requests and by the batchers' completions, and read by the routes; the lock
+    keeps a reader from seeing half of an update wherever it is called from. Kept per
     variant and task; `register` gives the pairs that are OIP models their OIP name (a task of a multi-task bundle
     is one only on the default variant)."""
 

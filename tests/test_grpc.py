@@ -4,18 +4,24 @@ crash."""
 
 from __future__ import annotations
 
+import io
+import signal
+import subprocess
+import sys
+import time
+
 import grpc
 import httpx
 import numpy as np
 import pytest
+import tritonclient.grpc as grpcclient
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from PIL import Image
+from tritonclient.grpc import service_pb2, service_pb2_grpc
+from tritonclient.utils import InferenceServerException
 
 from tests.test_oip import IMAGES, classify, preprocess
 from tests.test_service_e2e import free_port, start_server
-
-grpcclient = pytest.importorskip("tritonclient.grpc", reason="pip install 'tritonclient[grpc]' (a test extra)")
-from tritonclient.grpc import service_pb2, service_pb2_grpc  # noqa: E402
-from tritonclient.utils import InferenceServerException  # noqa: E402
 
 SAMPLE = open("samples/ankle_boot.png", "rb").read()  # noqa: SIM115 (read once at import)
 
@@ -185,3 +191,43 @@ def test_an_api_key_is_asked_of_grpc_calls_too(tiny_bundles, tmp_path):
     finally:
         process.terminate()
         process.wait()
+
+
+def test_grpc_with_several_workers_is_a_one_line_error():
+    done = subprocess.run([sys.executable, "-m", "cli.main", "serve", "--workers", "2", "--grpc-port", "8001"],
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert done.returncode != 0 and done.stderr.strip().splitlines() == [
+        "fpet: error: gRPC is served by one process: use --workers 1 with --grpc-port (FPET_GRPC_PORT), and scale "
+        "with replicas"]  # fmt: skip
+
+
+def big_png(seed: int) -> bytes:
+    """A 2000x2000 gradient: small to send, slow to decode, so a call is still running a moment later."""
+    ramp = np.linspace(0, 255, 2000, dtype=np.float32)
+    pixels = np.stack([np.add.outer(ramp, ramp) / 2, np.tile(ramp, (2000, 1)), np.full((2000, 2000), seed * 40.0)], -1)
+    out = io.BytesIO()
+    Image.fromarray(pixels.astype(np.uint8)).save(out, "PNG")
+    return out.getvalue()
+
+
+def test_sigterm_answers_the_grpc_calls_in_progress_then_stops_and_exits_cleanly(tiny_bundles, tmp_path):
+    port = free_port()
+    process, _ = start_server(tiny_bundles, tmp_path, "--grpc-port", str(port))
+    answers: list = []
+    with grpcclient.InferenceServerClient(f"127.0.0.1:{port}") as c:
+        c.infer("fpet", [image_input(IMAGES[:1])])  # the channel is connected before the clock starts
+        for seed in range(3):
+            images = [big_png(seed)] * 4
+            c.async_infer("fpet", [image_input(images)], callback=lambda result, error: answers.append(error))
+        time.sleep(0.1)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0
+    # a call the server had taken is answered; one that came after the signal is refused as UNAVAILABLE (the client
+    # knows it was not run); none is cut off
+    outcomes = ["ok" if e is None else f"{e.status()} {e.message()}" for e in answers]
+    refused = "StatusCode.UNAVAILABLE the server is shutting down"
+    assert len(outcomes) == 3 and set(outcomes) <= {"ok", refused} and "ok" in outcomes, outcomes
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        with pytest.raises(grpc.RpcError) as error:
+            health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2)
+        assert error.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)

@@ -93,9 +93,9 @@ def perf_analyzer(*args: str) -> str:
     if not binary.is_file():
         pytest.skip("perf_analyzer is not installed: run `make tools` (needs apt-get install libb64-0d)")
     env = {**os.environ, "LD_LIBRARY_PATH": str(PERF_ANALYZER / "lib")}
-    done = subprocess.run([str(binary), *args, "--measurement-mode", "count_windows", "--measurement-request-count",
-                           "40", "--stability-percentage", "100", "--max-trials", "4"],
-                          capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
+    # a fixed number of requests, no stabilisation: the test checks counting, not speed, on a shared machine
+    done = subprocess.run([str(binary), *args, "--request-count", "120"], capture_output=True, text=True, env=env,
+                          timeout=300)  # fmt: skip
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     return done.stdout
 

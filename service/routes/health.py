@@ -28,9 +28,10 @@ async def readyz(state: StateDep) -> dict:
 
 @router.get("/v2/models/{model}/ready", tags=["models"], summary="Model readiness (OIP v2)",
             responses={404: {"model": ErrorBody}, 503: {"model": ErrorBody}})  # fmt: skip
-async def model_ready(state: StateDep, model: str) -> dict:
+@router.get("/v2/models/{model}/versions/{version}/ready", include_in_schema=False)
+async def model_ready(state: StateDep, model: str, version: str | None = None) -> dict:
     """A multi-task model's tasks are OIP models of their own (as for inference)."""
-    state.runner(state.target(model)[0])
+    state.oip_model(model, version)
     state.check_serving()
     return {"name": model, "ready": True}
 

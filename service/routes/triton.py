@@ -6,7 +6,6 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from service import oip
-from service.errors import ServiceError
 from service.routes.models import NOT_FOUND
 from service.runtime import ModelRunner
 from service.state import State, StateDep
@@ -34,8 +33,9 @@ def model_config(state: State, runner: ModelRunner, name: str) -> dict:
         ],
         "output": [{"name": output, "data_type": "TYPE_FP32", "dims": [classes]} for output in oip.OUTPUTS],
         "dynamic_batching": {
-            "preferred_batch_size": [state.max_batch(runner)],
+            "preferred_batch_size": [min(state.max_batch(runner), settings.max_images)],
             "max_queue_delay_microseconds": int(settings.max_delay_ms * 1000),
+            # the batcher counts queued images, Triton requests: a request has at least one image
             "default_queue_policy": {"max_queue_size": settings.max_queue_images},
         },
         "instance_group": [{"name": runner.name, "kind": "KIND_GPU" if on_gpu else "KIND_CPU",
@@ -46,25 +46,14 @@ def model_config(state: State, runner: ModelRunner, name: str) -> dict:
     }  # fmt: skip
 
 
-def resolve(state: State, name: str, version: str | None) -> ModelRunner:
-    variant, task = state.target(name)
-    runner = state.runner(variant)
-    if runner.tasks and task is None:
-        raise ServiceError(404, "model_not_found", f"{name!r} serves several tasks, each an OIP model of its own: "
-                                                   f"{', '.join(runner.tasks)}")  # fmt: skip
-    if version is not None and version != oip.VERSION:
-        raise ServiceError(404, "model_not_found", f"{name} has no version {version!r}; it serves {oip.VERSION!r}")
-    return runner
-
-
 @router.get("/v2/models/{model}/config", summary="Model configuration (Triton's extension)", responses=NOT_FOUND)
 async def config(state: StateDep, model: str) -> dict:
-    return model_config(state, resolve(state, model, None), model)
+    return model_config(state, state.oip_model(model, None)[0], model)
 
 
 @router.get("/v2/models/{model}/versions/{version}/config", include_in_schema=False)
 async def config_version(state: StateDep, model: str, version: str) -> dict:
-    return model_config(state, resolve(state, model, version), model)
+    return model_config(state, state.oip_model(model, version)[0], model)
 
 
 @router.get("/v2/models/stats", summary="Statistics of every model (Triton's extension)")
@@ -74,11 +63,11 @@ async def all_stats(state: StateDep) -> dict:
 
 @router.get("/v2/models/{model}/stats", summary="Statistics of a model (Triton's extension)", responses=NOT_FOUND)
 async def stats(state: StateDep, model: str) -> dict:
-    resolve(state, model, None)
+    state.oip_model(model, None)[0]
     return {"model_stats": state.stats.snapshot([model])}
 
 
 @router.get("/v2/models/{model}/versions/{version}/stats", include_in_schema=False)
 async def stats_version(state: StateDep, model: str, version: str) -> dict:
-    resolve(state, model, version)
+    state.oip_model(model, version)[0]
     return {"model_stats": state.stats.snapshot([model])}
