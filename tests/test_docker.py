@@ -101,7 +101,8 @@ def compose_env(engine, tmp_path_factory) -> dict:
     """An empty home (nothing from the host leaks in), free host ports, the test's own image names."""
     home = tmp_path_factory.mktemp("home")
     return {**engine, "HOME": str(home), "FPET_IMAGE": IMAGE, "FPET_HOST_PORT": str(free_port()),
-            "PROMETHEUS_HOST_PORT": str(free_port()), "TORCH_INDEX_URL": ""}  # fmt: skip
+            "FPET_GRPC_HOST_PORT": str(free_port()), "PROMETHEUS_HOST_PORT": str(free_port()),
+            "TORCH_INDEX_URL": ""}  # fmt: skip
 
 
 def compose(env: dict, checkout: Path, *args: str, timeout: float = 600, check: bool = True) -> str:
@@ -213,6 +214,16 @@ def test_compose_serves_both_variants_hardened(compose_env, stack):
     assert (served["runtime"], served["compute_precision"]) == (expected.runtime, expected.precision), served
     host = inspect(compose_env, stack["container"])["HostConfig"]
     assert host["ReadonlyRootfs"] and host["CapDrop"] == ["ALL"] and "no-new-privileges:true" in host["SecurityOpt"]
+    # the image serves the OIP over gRPC too, on the port compose publishes
+    import numpy as np
+    import tritonclient.grpc as triton
+
+    with triton.InferenceServerClient(f"127.0.0.1:{compose_env['FPET_GRPC_HOST_PORT']}") as client:
+        image = triton.InferInput("image", [1], "BYTES")
+        image.set_data_from_numpy(np.array([SAMPLE.read_bytes()], dtype=object))
+        top = triton.InferRequestedOutput("probabilities", class_count=1)
+        answer = client.infer("fpet", [image], outputs=[top]).as_numpy("probabilities")[0][0].decode()
+    assert answer.endswith(":9:Ankle boot"), answer
 
 
 def query(prometheus: str, expr: str) -> dict:
