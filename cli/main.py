@@ -587,6 +587,13 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-request-pixels", type=int, help="all of a request's decoded images (default 40000000)")
     p.add_argument("--max-images", type=int, help="default 16")
     p.add_argument("--api-key", help="require this key on the classify endpoints (FPET_API_KEY)")
+    p.add_argument(
+        "--model-control-mode", choices=["none", "explicit"],
+        help="explicit: load and unload models at run time via /v2/repository (needs FPET_ADMIN_KEY); default none",
+    )  # fmt: skip
+    p.add_argument("--shadow-rate", type=float, help="share of fpet's requests also run on the backbone (default 0)")
+    p.add_argument("--log-format", choices=["text", "json"], help="default text (FPET_LOG_FORMAT)")
+    p.add_argument("--otlp-endpoint", help="send request traces here over OTLP/HTTP (FPET_OTLP_ENDPOINT; default off)")
     p.set_defaults(func=cmd_serve)
 
 

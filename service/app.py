@@ -24,9 +24,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import fpet
-from service import lifecycle, metrics
+from service import lifecycle, logs, metrics, shadow
 from service.errors import ServiceError
-from service.routes import classify, explain, health, models, oip, page, triton
+from service.routes import classify, explain, health, models, oip, page, repository, triton
 from service.settings import Settings
 from service.state import State, drain, load, start_batchers
 
@@ -75,9 +75,10 @@ def add_offline_docs(app: FastAPI) -> None:
 
 
 class RequestContext:
-    """Request id and Server-Timing on every answer, `Connection: close` on every answer while draining, and the
-    in-flight count the drain waits on. Plain ASGI: Starlette's BaseHTTPMiddleware costs a task and a stream per
-    request, which under overload is CPU taken from inference."""
+    """Request id and Server-Timing on every answer, `Connection: close` on every answer while draining, the
+    in-flight count the drain waits on, and, when asked for, the request's JSON access record and its trace. Plain
+    ASGI: Starlette's BaseHTTPMiddleware costs a task and a stream per request, which under overload is CPU taken
+    from inference."""
 
     def __init__(self, app: ASGIApp, state: State):
         self.app, self.state = app, state
@@ -89,17 +90,24 @@ class RequestContext:
         incoming = next((v for k, v in scope["headers"] if k == b"x-request-id"), b"").decode("latin-1")
         request_id = incoming if 0 < len(incoming) <= 128 and incoming.isprintable() else uuid.uuid4().hex
         timing: dict[str, float] = {}
-        scope.setdefault("state", {}).update(request_id=request_id, timing=timing)
+        context = {"request_id": request_id, "timing": timing}
+        if self.state.tracer is not None:
+            context["marks"] = []  # the stages, as service.pipeline.mark records them
+        scope.setdefault("state", {}).update(context)
         start = time.perf_counter()
+        answer = {"status": 500, "bytes": 0}
 
         async def send_with_context(message: Message) -> None:
             if message["type"] == "http.response.start":
+                answer["status"] = message["status"]
                 timing.setdefault("total", (time.perf_counter() - start) * 1000)
                 headers = MutableHeaders(scope=message)
                 headers.append("X-Request-Id", request_id)
                 headers.append("Server-Timing", ", ".join(f"{k};dur={v:.2f}" for k, v in timing.items()))
                 if self.state.draining:
                     headers["Connection"] = "close"
+            elif message["type"] == "http.response.body":
+                answer["bytes"] += len(message.get("body", b""))
             await send(message)
 
         self.state.in_flight += 1
@@ -108,6 +116,32 @@ class RequestContext:
             await self.app(scope, receive, send_with_context)
         finally:
             self.state.in_flight -= 1
+            if self.state.settings.log_format == "json" or self.state.tracer is not None:
+                self.record(scope, start, answer)
+
+    def record(self, scope: Scope, start: float, answer: dict) -> None:
+        end = time.perf_counter()
+        state = scope["state"]
+        route = scope.get("route")
+        fields = {
+            "request_id": state["request_id"], "method": scope["method"],
+            "route": getattr(route, "path", None) or scope["path"], "path": scope["path"],
+            "model": state.get("model"), "task": state.get("task"), "status": answer["status"],
+            "bytes": answer["bytes"], "duration_ms": round((end - start) * 1000, 3),
+            "stages_ms": {k: round(v, 3) for k, v in state["timing"].items() if k != "total"},
+            "client": f"{scope['client'][0]}:{scope['client'][1]}" if scope.get("client") else None,
+        }  # fmt: skip
+        if self.state.settings.log_format == "json":
+            logs.access(fields)
+        if self.state.tracer is not None:
+            headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+            attributes = {
+                "http.request.method": scope["method"], "http.route": fields["route"], "url.path": scope["path"],
+                "http.response.status_code": answer["status"], "fpet.request_id": fields["request_id"],
+                **{f"fpet.{k}": fields[k] for k in ("model", "task") if fields[k] is not None},
+            }  # fmt: skip
+            self.state.tracer.record(f"{scope['method']} {fields['route']}", headers, start, end, attributes,
+                                     state.get("marks", []), answer["status"] >= 500)  # fmt: skip
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -129,6 +163,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             lifecycle.unregister(state)
             return
         start_batchers(state)
+        shadow.initialise(state)
         grpc_server = None
         if settings.grpc_port is not None:
             from service.grpc_server import GrpcServer  # grpcio only when gRPC is asked for
@@ -145,6 +180,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await grpc_server.stop()
         await drain(state)
         lifecycle.unregister(state)
+        if state.tracer is not None:
+            state.tracer.shutdown()
 
     app = FastAPI(
         title="FPET image classification",
@@ -163,6 +200,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         explain.router,
         oip.router,
         triton.router,
+        repository.router,
         models.router,
         health.router,
         page.router,

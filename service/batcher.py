@@ -53,6 +53,12 @@ class Ticket:
     def __init__(self, batcher: MicroBatcher):
         self._batcher, self._held = batcher, True
 
+    @property
+    def batcher(self) -> MicroBatcher:
+        """Where the request's images go: the batcher that admitted it, even if a newer version has been swapped in
+        since (model control), so that what it was preprocessed for is what runs it."""
+        return self._batcher
+
     def release(self) -> None:
         """Give the place back (the request failed before queueing, or it is done): a waiting request gets it."""
         if self.consume():
@@ -80,10 +86,14 @@ class MicroBatcher:
         on_queue: Callable[[int], None] | None = None,
         on_failure: Callable[[str], None] | None = None,
         answer_grace: float = ANSWER_GRACE_S,
+        device: asyncio.Semaphore | None = None,
     ):
         self.run_batch, self.executor, self.answer_grace = run_batch, executor, answer_grace
         self.max_batch, self.max_delay, self.max_queue = max_batch, max_delay, max_queue
         self.instances = instances  # batches run side by side; the executor needs as many workers
+        # Shared by every model on one device: a batch computes only while it holds a slot, and its time is counted
+        # from then, so a model's batch seconds are its own, not those of the other models' batches beside it.
+        self.device = device or asyncio.Semaphore(instances)
         self.on_batch = on_batch or (lambda size, seconds: None)
         self.on_queue = on_queue or (lambda depth: None)
         self.on_failure = on_failure or (lambda reason: None)
@@ -158,6 +168,14 @@ class MicroBatcher:
                 self._task.cancel()
                 await asyncio.gather(self._task, return_exceptions=True)
         self._fail_all(closed)
+
+    async def retire(self, timeout: float = 30.0, poll: float = 0.01) -> None:
+        """Stop once every request it admitted is answered: a version swapped out of service (model control) gets no
+        new requests, but those it holds (queued, running, holding or waiting for a place) finish on it."""
+        end = time.perf_counter() + timeout
+        while not (self.idle and not self._waiters) and time.perf_counter() < end and self.failure is None:
+            await asyncio.sleep(poll)
+        await self.stop(max(end - time.perf_counter(), 0.0))
 
     async def submit(
         self, images: list[np.ndarray], deadline: float, ticket: Ticket | None = None, task: int | None = None
@@ -274,6 +292,22 @@ class MicroBatcher:
                 task.cancel()
             raise
 
+    def _top_up(self, room: int) -> list[_Item]:
+        """Queued images (still within their deadline) for a batch about to run."""
+        taken = []
+        while self._queue and len(taken) < room:
+            item = self._queue.popleft()
+            if item.future.done():
+                continue
+            if time.perf_counter() > item.deadline:
+                item.future.set_exception(ServiceError(504, "timeout", "the request's deadline passed in the queue"))
+                continue
+            self._running.add(item)
+            taken.append(item)
+        self.on_queue(len(self._queue))
+        self._hand_over()
+        return taken
+
     async def _run(self, batch: list[_Item]) -> None:
         """One batch through the model; a failed inference fails its requests, anything else stops the batcher."""
         try:
@@ -291,19 +325,22 @@ class MicroBatcher:
                     live.append(item)
             if not live:
                 return
-            start = time.perf_counter()
             try:
-                inputs = [np.stack([i.image for i in live])]
-                if live[0].task is not None:
-                    inputs.append(np.array([i.task for i in live], dtype=np.int64))
-                logits = await asyncio.get_running_loop().run_in_executor(self.executor, self.run_batch, *inputs)
+                async with self.device:
+                    if len(live) < self.max_batch and self._queue:  # what arrived while the device was busy joins
+                        live.extend(self._top_up(self.max_batch - len(live)))
+                    inputs = [np.stack([i.image for i in live])]
+                    if live[0].task is not None:
+                        inputs.append(np.array([i.task for i in live], dtype=np.int64))
+                    start = time.perf_counter()
+                    logits = await asyncio.get_running_loop().run_in_executor(self.executor, self.run_batch, *inputs)
+                    seconds = time.perf_counter() - start
             except Exception as exc:
                 self._running.difference_update(live)
                 for item in live:
                     if not item.future.done():
                         item.future.set_exception(exc)
                 return
-            seconds = time.perf_counter() - start
             self.on_batch(len(live), seconds)
             for item, row in zip(live, logits, strict=True):
                 if not item.future.done():

@@ -14,6 +14,7 @@ from service import oip
 from service.errors import ServiceError
 from service.pipeline import accounted, admitted, batched, deadline_of, finished, prepared
 from service.runtime import ModelRunner, Task
+from service.shadow import maybe_shadow
 from service.state import State
 
 T = TypeVar("T")
@@ -33,6 +34,7 @@ async def infer(
     runner, task_name = state.oip_model(name, version)
     model, task = runner.name, runner.task(task_name)
     settings = state.settings
+    call.state.model, call.state.task = model, task.name
     with accounted(model, runner.provider, start, task.name, state.stats) as served:
         async with admitted(call, state, model) as ticket:
             parsed = await read(runner)
@@ -43,7 +45,8 @@ async def infer(
                 arrays = await prepared(call, state, runner, parsed.images, deadline_of(call, settings, start))
             else:
                 arrays = list(parsed.pixels.astype(runner.dtype))
-            results = await batched(call, state, model, arrays, start, ticket, task)
+            results = await batched(call, state, arrays, start, ticket, task)
+        maybe_shadow(state, runner, task, arrays, results)
         t = time.perf_counter()
         logits = np.stack([r.logits for r in results])[:, : len(task.labels)]
         response = answer(parsed, logits, task)

@@ -68,6 +68,16 @@ GFLOPS = Gauge(
 LOAD_SECONDS = Gauge("fpet_model_load_duration_seconds", "Model load time", ["model"], multiprocess_mode="max")
 WARMUP_SECONDS = Gauge("fpet_model_warmup_duration_seconds", "Warm-up time", ["model"], multiprocess_mode="max")
 FALLBACKS = Counter("fpet_execution_provider_fallback", "CUDA asked for, CPU given by onnxruntime", ["model"])
+MODEL_LOADS = Counter(
+    "fpet_model_loads", "Model-control loads, by outcome (success, failure)", ["model", "outcome"]
+)  # model names come from the admin's loads: a closed set in practice
+SHADOW = Counter(
+    "fpet_shadow_requests", "Images of the default variant's requests also run on the reference variant, by whether "
+    "their top-1 agreed", ["model", "reference", "agree"],
+)  # fmt: skip
+SHADOW_DROPPED = Counter(
+    "fpet_shadow_dropped", "Shadow runs not made: the service was busy, or the reference was not served", ["reason"]
+)
 BUILD = Gauge("fpet_build_info", "Build", ["version", "git_sha", "onnxruntime"], multiprocess_mode="max")
 
 

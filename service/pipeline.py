@@ -97,11 +97,23 @@ async def admitted(request: Request, state: State, model: str) -> AsyncIterator[
     """Key, readiness and a place in the model's queue, all before the body is read: overload costs a 429 only."""
     check_key(request, state.settings)
     state.check_serving()
-    ticket = await state.batchers[model].admit(state.settings.admission_wait_ms / 1000)
+    batcher = state.batchers.get(model)
+    if batcher is None:  # unloaded (model control) while the request was on its way here
+        raise ServiceError(404, "model_not_found", f"no model {model!r}; served: {', '.join(state.batchers)}")
+    start = time.perf_counter()
+    ticket = await batcher.admit(state.settings.admission_wait_ms / 1000)
+    mark(request, "admission", start)
     try:
         yield ticket
     finally:
         ticket.release()
+
+
+def mark(request: Request, stage: str, start: float, end: float | None = None) -> None:
+    """A stage of the request, for its trace (tracing.Tracer); a no-op for callers that record none (gRPC)."""
+    marks = getattr(request.state, "marks", None)
+    if marks is not None:
+        marks.append((stage, start, time.perf_counter() if end is None else end))
 
 
 def is_byte_count(value: str) -> bool:
@@ -207,7 +219,10 @@ async def decoded(request: Request, state: State, raw: list[bytes], size: int, d
         request.state.timing["decode"] = (time.perf_counter() - t) * 1000
         return images
 
-    return await in_decode_pool(state, work)
+    start = time.perf_counter()
+    images = await in_decode_pool(state, work)
+    mark(request, "decode", start)
+    return images
 
 
 async def in_decode_pool(state: State, work: Callable[..., T], *args: object) -> T:
@@ -245,22 +260,23 @@ async def prepared(
         timing["decode"], timing["preprocess"] = decoding * 1000, preprocessing * 1000
         return arrays
 
-    return await in_decode_pool(state, work)
+    start = time.perf_counter()
+    arrays = await in_decode_pool(state, work)
+    mark(request, "decode", start)
+    return arrays
 
 
 async def batched(
-    request: Request,
-    state: State,
-    model: str,
-    arrays: list[np.ndarray],
-    start: float,
-    ticket: Ticket,
-    task: Task,
+    request: Request, state: State, arrays: list[np.ndarray], start: float, ticket: Ticket, task: Task
 ) -> list[Result]:
+    """Through the batcher that admitted the request (a version swapped out meanwhile still answers it)."""
     deadline = deadline_of(request, state.settings, start)
-    results = await state.batchers[model].submit(arrays, deadline, ticket, task.index)
-    request.state.timing["queue"] = max(r.queue_seconds for r in results) * 1000
-    request.state.timing["inference"] = max(r.inference_seconds for r in results) * 1000
+    submitted = time.perf_counter()
+    results = await ticket.batcher.submit(arrays, deadline, ticket, task.index)
+    queue, inference = max(r.queue_seconds for r in results), max(r.inference_seconds for r in results)
+    request.state.timing["queue"], request.state.timing["inference"] = queue * 1000, inference * 1000
+    mark(request, "queue", submitted, submitted + queue)
+    mark(request, "inference", submitted + queue, submitted + queue + inference)
     return results
 
 

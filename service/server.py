@@ -19,9 +19,12 @@ import tempfile
 import time
 from types import FrameType
 
+from pydantic import SecretStr, ValidationError
+
 from fpet.errors import FpetError
 from fpet.runtimes import check_available
 from service import lifecycle
+from service.logs import configure_logging
 from service.settings import Settings
 
 log = logging.getLogger("fpet.service")
@@ -61,20 +64,26 @@ def draining_server(config):
 
 def serve(overrides: dict) -> None:
     import uvicorn
+    import uvicorn.config
     from uvicorn.supervisors import Multiprocess
 
-    settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
+    try:
+        settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise FpetError(f"{where + ': ' if where else ''}{first['msg']}".removeprefix("Value error, ")) from None
     # A runtime or precision this machine cannot give is a one-line error now, not a service that never gets ready
     # (what depends on the bundles, such as an int8 bundle's precision, is checked as they load).
     check_available(settings.runtime, settings.precision)
     if settings.grpc_port is not None and settings.workers > 1:
         raise FpetError("gRPC is served by one process: use --workers 1 with --grpc-port (FPET_GRPC_PORT), and scale "
                         "with replicas")  # fmt: skip
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(settings.log_format)
     # Workers and the factory read settings from the environment: pass the flags on that way.
     for name, value in settings.model_dump(exclude_none=True).items():
-        if name == "api_key":
-            value = settings.api_key.get_secret_value() if settings.api_key else None
+        if isinstance(value, SecretStr):
+            value = value.get_secret_value()
         if value is not None:
             os.environ[f"FPET_{name.upper()}"] = ",".join(value) if isinstance(value, list) else str(value)
     if settings.workers > 1:
@@ -84,12 +93,12 @@ def serve(overrides: dict) -> None:
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = folder
     # uvicorn re-raises the SIGTERM it drained on; exiting 0 then tells Docker and Kubernetes the stop was clean.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
-    print(
-        f"serving on http://{settings.host}:{settings.port} (docs at /docs); ready once /readyz answers 200", flush=True
-    )
+    log.info("serving on http://%s:%s (docs at /docs); ready once /readyz answers 200", settings.host, settings.port)
+    text_logs = settings.log_format == "text"  # JSON: the service writes one access record per request itself
     config = uvicorn.Config(
         "service.app:create_app", factory=True, host=settings.host, port=settings.port, workers=settings.workers,
         timeout_graceful_shutdown=int(settings.drain_timeout_s), log_level="info",
+        access_log=text_logs, log_config=uvicorn.config.LOGGING_CONFIG if text_logs else None,
     )  # fmt: skip
     if settings.workers > 1:  # uvicorn's supervisor runs its own servers: its drain, not this one
         Multiprocess(config, sockets=[config.bind_socket()]).run()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
@@ -53,6 +53,34 @@ class Settings(BaseSettings):
     max_images: int = Field(16, ge=1, description="most images in one JSON request")
     api_key: SecretStr | None = Field(None, description="if set, classify endpoints need it (Bearer or X-API-Key)")
     drain_timeout_s: float = Field(30.0, gt=0, description="how long SIGTERM waits for queued requests")
+    model_control_mode: Literal["none", "explicit"] = Field(
+        "none", description="explicit: load, swap and unload models at run time through /v2/repository (Triton's "
+        "model control); none: the bundles given at start, and those endpoints answer 403",
+    )  # fmt: skip
+    admin_key: SecretStr | None = Field(
+        None, description="the Bearer key of the model-control endpoints (required with explicit mode; not the API key)"
+    )
+    shadow_rate: float = Field(
+        0.0, ge=0, le=1, description="share of the default variant's requests also run on the reference variant, "
+        "outside the request path, to measure their top-1 agreement on live traffic (0: off)",
+    )  # fmt: skip
+    shadow_reference: str = Field("backbone", description="the variant shadow requests are compared with")
+    log_format: Literal["text", "json"] = Field(
+        "text", description="json: one JSON object per request and per log record, on stderr"
+    )
+    otlp_endpoint: str | None = Field(
+        None, description="OTLP/HTTP traces endpoint (e.g. http://collector:4318/v1/traces); off if unset"
+    )
+
+    @model_validator(mode="after")
+    def _admin_key_for_control(self) -> Settings:
+        if self.admin_key is not None and not self.admin_key.get_secret_value().strip():
+            self.admin_key = None  # an empty key (an unset compose variable) is no key: it must not open the endpoints
+        if self.model_control_mode == "explicit" and self.admin_key is None:
+            raise ValueError(
+                "model control mode explicit needs FPET_ADMIN_KEY, the key that may load and unload models"
+            )
+        return self
 
     @field_validator("bundles", mode="before")
     @classmethod

@@ -7,6 +7,8 @@ import asyncio
 import logging
 import math
 import os
+import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -45,7 +47,14 @@ class State:
         self.settings = settings
         self.runners: dict[str, ModelRunner] = {}
         self.batchers: dict[str, MicroBatcher] = {}
-        self.executors: list[ThreadPoolExecutor] = []
+        self.info_labels: dict[str, tuple[str, ...]] = {}  # each model's fpet_model_info series, replaced on a swap
+        # One inference at a time per slot, across every model on the device: each batch's time is its own model's.
+        self.device = asyncio.Semaphore(settings.instances)
+        self.retiring: set[asyncio.Task] = set()  # versions swapped out, finishing what they hold (model control)
+        self.control: dict[str, object] = {}  # model control: repository.Status of models loading, unloaded, failed
+        self.control_lock = asyncio.Lock()
+        self.shadows: set[asyncio.Task] = set()  # shadow runs in progress (service.shadow)
+        self._store: Path | None = None
         self.ready = False
         self.draining = False
         self.reason = "loading models"
@@ -58,6 +67,20 @@ class State:
         self.in_flight = 0
         self.last_arrival = 0.0
         self.drain_hooks: list[Callable[[], object]] = []  # called as the drain begins (the gRPC server's stop)
+        self.tracer = None
+        if settings.otlp_endpoint:
+            from service.tracing import Tracer  # OpenTelemetry only when traces are asked for
+
+            self.tracer = Tracer(settings.otlp_endpoint)
+
+    def store(self) -> Path:
+        """Where model control unpacks the archives it loads: this process's own, removed at exit."""
+        if self._store is None:
+            self._store = Path(tempfile.mkdtemp(prefix="fpet-models-"))
+        return self._store
+
+    def owns(self, path: Path) -> bool:
+        return self._store is not None and path.is_relative_to(self._store)
 
     def max_batch(self, runner: ModelRunner) -> int:
         return self.settings.max_batch_size or (32 if runner.on_gpu else 8)
@@ -126,35 +149,61 @@ def bundle_paths(settings: Settings) -> list[str]:
     return settings.bundles or [str(default_bundle_dir(v)) for v in ("fpet", "backbone")]
 
 
+def open_model(state: State, path: str | Path, name: str | None = None) -> ModelRunner:
+    """Load and warm one bundle (seconds: in a worker thread), served as `name` (default: its variant). Nothing of
+    the service changes here: a bundle that fails to load or to warm up leaves what is served as it was."""
+    settings = state.settings
+    runner = ModelRunner(path, settings.providers, session_threads(settings), settings.runtime, settings.precision,
+                         settings.instances)  # fmt: skip
+    runner.name = name or runner.name
+    verified = runner.manifest.get("verification", {}).get("passed", True)
+    if verified is False:
+        raise ServiceError(400, "invalid_bundle", f"{path}: the bundle failed its own verification at export")
+    runner.warm_up(state.max_batch(runner))
+    return runner
+
+
+def install(state: State, runner: ModelRunner) -> None:
+    """Describe a loaded model in the metrics and statistics (a new version replaces the old one's description)."""
+    name, settings = runner.name, state.settings
+    metrics.initialise(name, list(runner.tasks))
+    oip_tasks = name == settings.default_model  # state.target: tasks are the default variant's
+    for task in runner.tasks or [None]:
+        state.stats.register(name, task, name if task is None else task if oip_tasks else None)
+    old = state.info_labels.pop(name, None)
+    if old is not None:
+        metrics.INFO.remove(*old)
+    m = runner.manifest
+    labels = (name, m["version"], m["backbone"]["name"], runner.provider, m["precision"], m["schedule"],
+              runner.runtime, runner.precision, ",".join(runner.cpu_features))  # fmt: skip
+    metrics.INFO.labels(*labels).set(1)
+    state.info_labels[name] = labels
+    metrics.GFLOPS.labels(name).set(2 * m["gmacs"])
+    metrics.LOAD_SECONDS.labels(name).set(runner.load_seconds)
+    metrics.WARMUP_SECONDS.labels(name).set(runner.warmup_seconds)
+    if runner.fell_back:
+        metrics.FALLBACKS.labels(name).inc()
+    log.info("%s ready on %s, %s (%s; load %.1f s, warm-up %.1f s)", name, runner.provider, runner.precision,
+             runner.runtime_reason, runner.load_seconds, runner.warmup_seconds)  # fmt: skip
+
+
+def check_task_names(state: State, runners: dict[str, ModelRunner]) -> None:
+    """A task is an OIP model of its own: its name must not also name a variant."""
+    default = runners.get(state.settings.default_model)
+    clash = sorted(set(default.tasks) & set(runners)) if default is not None else []
+    if clash:
+        raise ServiceError(400, "invalid_bundle", f"task {clash[0]!r} has the name of a served variant: rename it")
+
+
 def load(state: State) -> None:
     """Load and warm every bundle (in a worker thread: this takes seconds)."""
-    settings = state.settings
-    for path in bundle_paths(settings):
-        runner = ModelRunner(path, settings.providers, session_threads(settings), settings.runtime, settings.precision,
-                             settings.instances)  # fmt: skip
+    for path in bundle_paths(state.settings):
+        runner = open_model(state, path)
         if runner.name in state.runners:
             raise ServiceError(500, "internal_error", f"two bundles serve the variant {runner.name!r}")
-        runner.warm_up(state.max_batch(runner))
+        check_task_names(state, {**state.runners, runner.name: runner})
         state.runners[runner.name] = runner
-        metrics.initialise(runner.name, list(runner.tasks))
-        oip_tasks = runner.name == settings.default_model  # state.target: tasks are the default variant's
-        for task in runner.tasks or [None]:
-            state.stats.register(runner.name, task, runner.name if task is None else task if oip_tasks else None)
-        m = runner.manifest
-        metrics.INFO.labels(runner.name, m["version"], m["backbone"]["name"], runner.provider, m["precision"],
-                            m["schedule"], runner.runtime, runner.precision,
-                            ",".join(runner.cpu_features)).set(1)  # fmt: skip
-        metrics.GFLOPS.labels(runner.name).set(2 * m["gmacs"])
-        metrics.LOAD_SECONDS.labels(runner.name).set(runner.load_seconds)
-        metrics.WARMUP_SECONDS.labels(runner.name).set(runner.warmup_seconds)
-        if runner.fell_back:
-            metrics.FALLBACKS.labels(runner.name).inc()
-        log.info("%s ready on %s, %s (%s; load %.1f s, warm-up %.1f s)", runner.name, runner.provider,
-                 runner.precision, runner.runtime_reason, runner.load_seconds, runner.warmup_seconds)  # fmt: skip
-    default = state.runners.get(settings.default_model)
-    clash = sorted(set(default.tasks) & set(state.runners)) if default is not None else []
-    if clash:  # a task is an OIP model of its own: its name must not also name a variant
-        raise ServiceError(500, "internal_error", f"task {clash[0]!r} has the name of a served variant: rename it")
+        install(state, runner)
 
 
 def session_threads(settings: Settings) -> int:
@@ -164,27 +213,31 @@ def session_threads(settings: Settings) -> int:
     return max(1, available_cores() // settings.instances)
 
 
+def start_batcher(state: State, runner: ModelRunner) -> MicroBatcher:
+    """A batcher (and its worker threads) for one loaded model, sharing the device's slots with every other."""
+    settings, name = state.settings, runner.name
+    executor = ThreadPoolExecutor(max_workers=settings.instances, thread_name_prefix=f"infer-{name}")
+
+    def on_batch(size: int, seconds: float) -> None:
+        metrics.BATCH_SECONDS.labels(name, runner.provider).observe(seconds)
+        metrics.BATCH_SIZE.labels(name).observe(size)
+        metrics.BATCHES.labels(name).inc()
+        metrics.IMAGES.labels(name).inc(size)
+        state.stats.batch(name, size, seconds)
+
+    batcher = MicroBatcher(
+        runner.run, executor, max_batch=state.max_batch(runner), max_delay=settings.max_delay_ms / 1000,
+        max_queue=settings.max_queue_images, instances=settings.instances, on_batch=on_batch,
+        on_queue=lambda depth: metrics.QUEUE_IMAGES.labels(name).set(depth),
+        on_failure=lambda reason: state.set_ready(False, f"{name}: {reason}"), device=state.device,
+    )  # fmt: skip
+    batcher.start()
+    return batcher
+
+
 def start_batchers(state: State) -> None:
-    settings = state.settings
     for name, runner in state.runners.items():
-        executor = ThreadPoolExecutor(max_workers=settings.instances, thread_name_prefix=f"infer-{name}")
-        state.executors.append(executor)
-
-        def on_batch(size: int, seconds: float, name: str = name, provider: str = runner.provider) -> None:
-            metrics.BATCH_SECONDS.labels(name, provider).observe(seconds)
-            metrics.BATCH_SIZE.labels(name).observe(size)
-            metrics.BATCHES.labels(name).inc()
-            metrics.IMAGES.labels(name).inc(size)
-            state.stats.batch(name, size, seconds)
-
-        batcher = MicroBatcher(
-            runner.run, executor, max_batch=state.max_batch(runner), max_delay=settings.max_delay_ms / 1000,
-            max_queue=settings.max_queue_images, instances=settings.instances, on_batch=on_batch,
-            on_queue=lambda depth, name=name: metrics.QUEUE_IMAGES.labels(name).set(depth),
-            on_failure=lambda reason, name=name: state.set_ready(False, f"{name}: {reason}"),
-        )  # fmt: skip
-        batcher.start()
-        state.batchers[name] = batcher
+        state.batchers[name] = start_batcher(state, runner)
 
 
 async def drain(state: State) -> None:
@@ -192,5 +245,8 @@ async def drain(state: State) -> None:
     if not state.draining:
         state.begin_drain()
     await asyncio.gather(*(b.stop(state.settings.drain_timeout_s) for b in state.batchers.values()))
-    for executor in [*state.executors, state.decode_pool]:
+    await asyncio.gather(*state.retiring, return_exceptions=True)
+    for executor in [*(b.executor for b in state.batchers.values()), state.decode_pool]:
         executor.shutdown(wait=False)
+    if state._store is not None:
+        shutil.rmtree(state._store, ignore_errors=True)

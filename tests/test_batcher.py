@@ -465,3 +465,99 @@ def test_the_queue_depth_reported_falls_back_to_zero_as_batches_are_taken():
 
     seen = run(with_batcher(FakeRunner(0.02), body, on_queue=depths.append))
     assert max(seen) >= 2 and seen[-1] == 0, seen
+
+
+class Overlap:
+    """A runner that records how many batches, of any model, compute at once."""
+
+    def __init__(self, seconds: float):
+        self.seconds, self.now, self.most, self.lock = seconds, 0, 0, threading.Lock()
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        with self.lock:
+            self.now += 1
+            self.most = max(self.most, self.now)
+        time.sleep(self.seconds)
+        with self.lock:
+            self.now -= 1
+        return batch.reshape(len(batch), -1)[:, :2]
+
+
+def test_models_sharing_a_device_compute_one_batch_at_a_time_and_time_only_their_own():
+    """Two models on one device slot: their batches never overlap, and a batch's seconds exclude its wait for the
+    slot (the other model's compute), so each model's per-image compute is its own whatever the traffic mix."""
+    overlap, seconds = Overlap(0.05), []
+
+    async def body():
+        device = asyncio.Semaphore(1)
+        with ThreadPoolExecutor(1) as a_pool, ThreadPoolExecutor(1) as b_pool:
+            batchers = [
+                MicroBatcher(overlap, pool, max_batch=1, max_delay=0, max_queue=8, device=device,
+                             on_batch=lambda size, s: seconds.append(s))
+                for pool in (a_pool, b_pool)
+            ]  # fmt: skip
+            for batcher in batchers:
+                batcher.start()
+            image = np.ones((3, 2, 2), np.float32)
+            deadline = time.perf_counter() + 10
+            answers = await asyncio.gather(*(b.submit([image], deadline) for b in batchers for _ in range(3)))
+            for batcher in batchers:
+                await batcher.stop()
+            return answers
+
+    answers = run(body())
+    assert len(answers) == 6 and overlap.most == 1
+    assert len(seconds) == 6 and max(seconds) < 0.09  # each 0.05 s of its own, none with another's 0.05 s in it
+    assert max(r[0].queue_seconds for r in answers) >= 0.2  # the waiting is counted as queue time instead
+
+
+def test_a_retired_batcher_answers_what_it_holds_then_stops():
+    """A version swapped out keeps no admitted request from its answer: held tickets and queued images finish."""
+    runner = FakeRunner(0.02)
+
+    async def body():
+        with ThreadPoolExecutor(1) as executor:
+            batcher = MicroBatcher(runner, executor, max_batch=2, max_delay=0, max_queue=4)
+            batcher.start()
+            image = np.ones((3, 2, 2), np.float32)
+            deadline = time.perf_counter() + 10
+            held = await batcher.admit()
+            queued = asyncio.ensure_future(batcher.submit([image, image], deadline))
+            await asyncio.sleep(0)
+            retiring = asyncio.ensure_future(batcher.retire(timeout=5, poll=0.005))
+            await asyncio.sleep(0.1)
+            assert not retiring.done()  # the ticket is still held: its request may still submit
+            late = await batcher.submit([image], deadline, held)
+            await asyncio.wait_for(retiring, 5)
+            with pytest.raises(ServiceError) as refused:
+                await batcher.submit([image], deadline)
+            return await queued, late, refused.value.status
+
+    queued, late, status = run(body())
+    assert len(queued) == 2 and len(late) == 1 and status == 503
+
+
+def test_images_that_arrive_while_the_device_is_busy_join_the_waiting_batch():
+    slow, sizes = Overlap(0.1), []
+
+    def record(batch):
+        sizes.append(len(batch))
+        return batch.reshape(len(batch), -1)[:, :2]
+
+    async def body():
+        device = asyncio.Semaphore(1)
+        with ThreadPoolExecutor(1) as a_pool, ThreadPoolExecutor(1) as b_pool:
+            a = MicroBatcher(slow, a_pool, max_batch=4, max_delay=0, max_queue=8, device=device)
+            b = MicroBatcher(record, b_pool, max_batch=4, max_delay=0, max_queue=8, device=device)
+            a.start(), b.start()
+            image, deadline = np.ones((3, 2, 2), np.float32), time.perf_counter() + 10
+            busy = asyncio.ensure_future(a.submit([image], deadline))
+            await asyncio.sleep(0.02)  # a computes; b's first image forms a batch of one and waits for the device
+            first = asyncio.ensure_future(b.submit([image], deadline))
+            await asyncio.sleep(0.02)
+            later = asyncio.ensure_future(b.submit([image, image], deadline))
+            await asyncio.gather(busy, first, later)
+            await a.stop(), await b.stop()
+
+    run(body())
+    assert sizes == [3]

@@ -309,7 +309,8 @@ def test_dashboard_names_only_metrics_the_service_exports(tiny_bundles):
     from service.settings import Settings
     from tests.test_app import jpeg
 
-    settings = Settings(bundles=[str(tiny_bundles["fpet"]), str(tiny_bundles["backbone"])], providers="cpu")
+    settings = Settings(bundles=[str(tiny_bundles["fpet"]), str(tiny_bundles["backbone"])], providers="cpu",
+                        shadow_rate=1.0)  # fmt: skip
     with TestClient(create_app(settings)) as client:
         client.post("/classify", content=jpeg(), headers={"Content-Type": "image/jpeg"})
         live = client.get("/metrics").text

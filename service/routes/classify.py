@@ -22,6 +22,7 @@ from service.pipeline import (
     top_predictions,
 )
 from service.schemas import ERRORS, IMAGE_BODY, ClassifyResponse, CompareEntry, CompareResponse, ImageResult, Timing
+from service.shadow import maybe_shadow
 from service.state import State, StateDep
 
 router = APIRouter(tags=["classify"])
@@ -36,11 +37,13 @@ async def classify_with(
     start = time.perf_counter()
     runner = state.runner(model)
     task = runner.task(task_name)
+    request.state.model, request.state.task = model, task.name
     with accounted(model, runner.provider, start, task.name, state.stats) as served:
         async with admitted(request, state, model) as ticket:
             raw = await read_images(request, state.settings)
             arrays = await prepared(request, state, runner, raw, deadline_of(request, state.settings, start))
-            results = await batched(request, state, model, arrays, start, ticket, task)
+            results = await batched(request, state, arrays, start, ticket, task)
+        maybe_shadow(state, runner, task, arrays, results)
         t = time.perf_counter()
         per_image = [top_predictions(r.logits, task.labels, top_k) for r in results]
         finished(request, model, start, t, served, len(results))
@@ -88,24 +91,26 @@ async def classify_task(
 async def compare(request: Request, state: StateDep, top_k: int = TOP_K, task: str | None = TASK) -> CompareResponse:
     """Counted in the request metrics under the model label `compare`."""
     start = time.perf_counter()
-    provider = ",".join(sorted({r.provider for r in state.runners.values()})) or "none"
+    runners = dict(state.runners)  # the versions served now, whatever model control swaps in meanwhile
+    provider = ",".join(sorted({r.provider for r in runners.values()})) or "none"
+    request.state.model = "compare"
     with accounted("compare", provider, start):
-        tasks = {name: runner.task(task) for name, runner in state.runners.items()}
+        tasks = {name: runner.task(task) for name, runner in runners.items()}
         state.check_serving()
         async with contextlib.AsyncExitStack() as stack:
-            tickets = {name: await stack.enter_async_context(admitted(request, state, name)) for name in state.runners}
+            tickets = {name: await stack.enter_async_context(admitted(request, state, name)) for name in runners}
             raw = await read_images(request, state.settings)
-            size = max(r.img_size for r in state.runners.values())
+            size = max(r.img_size for r in runners.values())
             image = (await decoded(request, state, raw[:1], size, deadline_of(request, state.settings, start)))[0]
 
             async def one(name: str):
-                runner = state.runners[name]
+                runner = runners[name]
                 array = await in_decode_pool(state, runner.preprocess, image)
-                (result,) = await state.batchers[name].submit([array], deadline_of(request, state.settings, start),
-                                                              tickets[name], tasks[name].index)  # fmt: skip
+                (result,) = await tickets[name].batcher.submit([array], deadline_of(request, state.settings, start),
+                                                               tickets[name], tasks[name].index)  # fmt: skip
                 return name, runner, result
 
-            done = await all_or_none([one(n) for n in state.runners])
+            done = await all_or_none([one(n) for n in runners])
         entries = {
             name: CompareEntry(
                 model_version=runner.manifest["version"], execution_provider=runner.provider,
