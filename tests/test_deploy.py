@@ -66,6 +66,9 @@ def test_compose_files_are_valid_with_profiles_and_gpu_override(tmp_path):
     plain = json.loads(subprocess.run([str(COMPOSE), "-f", "docker-compose.yml", "config", "--format", "json"],
                                       capture_output=True, text=True, cwd=ROOT).stdout)["services"]["fpet"]  # fmt: skip
     assert not plain.get("volumes") and plain["read_only"] and plain["cap_drop"] == ["ALL"]
+    carried = plain["environment"]  # the live-operations settings, with model control off unless asked for
+    assert carried["FPET_LOG_FORMAT"] == "json" and float(carried["FPET_SHADOW_RATE"]) > 0
+    assert carried["FPET_MODEL_CONTROL_MODE"] == "none" and carried["FPET_ADMIN_KEY"] == ""
     mounted = json.loads(subprocess.run([str(COMPOSE), "-f", "docker-compose.yml", "-f", "docker-compose.bundles.yml",
                                          "config", "--format", "json"], capture_output=True, text=True, cwd=ROOT,
                                         env=env).stdout)["services"]["fpet"]  # fmt: skip
@@ -191,9 +194,13 @@ def test_deployments_carry_image_probes_resources_and_grace(overlay):
     docs = render(overlay)
     pod = one(docs, "Deployment")["spec"]["template"]["spec"]
     container = pod["containers"][0]
-    env = {e["name"]: e["value"] for e in container["env"]}
+    env = {e["name"]: e.get("value") for e in container["env"]}
     assert container["image"] == f"fpet:{overlay}"
     assert env["FPET_BUNDLES"] == "/models/fpet,/models/backbone"  # from the image: no volume to fill by hand
+    assert env["FPET_LOG_FORMAT"] == "json" and float(env["FPET_SHADOW_RATE"]) > 0
+    assert env["FPET_MODEL_CONTROL_MODE"] == "none" and "FPET_OTLP_ENDPOINT" in env
+    admin = next(e for e in container["env"] if e["name"] == "FPET_ADMIN_KEY")
+    assert admin["valueFrom"]["secretKeyRef"]["optional"] is True  # a Secret, never a literal in the manifest
     assert container["startupProbe"]["httpGet"]["path"] == "/readyz"
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
