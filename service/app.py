@@ -24,8 +24,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import fpet
-from service import lifecycle, logs, metrics, shadow
+from service import lifecycle, metrics, shadow
 from service.errors import ServiceError
+from service.observed import observed, wanted
 from service.routes import classify, explain, health, models, oip, page, repository, triton
 from service.settings import Settings
 from service.state import State, drain, load, start_batchers
@@ -116,32 +117,23 @@ class RequestContext:
             await self.app(scope, receive, send_with_context)
         finally:
             self.state.in_flight -= 1
-            if self.state.settings.log_format == "json" or self.state.tracer is not None:
+            if wanted(self.state):
                 self.record(scope, start, answer)
 
     def record(self, scope: Scope, start: float, answer: dict) -> None:
-        end = time.perf_counter()
         state = scope["state"]
         route = scope.get("route")
         fields = {
             "request_id": state["request_id"], "method": scope["method"],
             "route": getattr(route, "path", None) or scope["path"], "path": scope["path"],
             "model": state.get("model"), "task": state.get("task"), "status": answer["status"],
-            "bytes": answer["bytes"], "duration_ms": round((end - start) * 1000, 3),
+            "bytes": answer["bytes"],
             "stages_ms": {k: round(v, 3) for k, v in state["timing"].items() if k != "total"},
             "client": f"{scope['client'][0]}:{scope['client'][1]}" if scope.get("client") else None,
         }  # fmt: skip
-        if self.state.settings.log_format == "json":
-            logs.access(fields)
-        if self.state.tracer is not None:
-            headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
-            attributes = {
-                "http.request.method": scope["method"], "http.route": fields["route"], "url.path": scope["path"],
-                "http.response.status_code": answer["status"], "fpet.request_id": fields["request_id"],
-                **{f"fpet.{k}": fields[k] for k in ("model", "task") if fields[k] is not None},
-            }  # fmt: skip
-            self.state.tracer.record(f"{scope['method']} {fields['route']}", headers, start, end, attributes,
-                                     state.get("marks", []), answer["status"] >= 500)  # fmt: skip
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        observed(self.state, fields, headers, start, time.perf_counter(), state.get("marks", []),
+                 answer["status"] >= 500)  # fmt: skip
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

@@ -20,6 +20,7 @@ from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 import fpet
 from service import inference, oip
 from service.errors import ServiceError
+from service.observed import observed, wanted
 from service.routes.models import metadata
 from service.routes.triton import model_config
 from service.runtime import ModelRunner, Task
@@ -27,6 +28,7 @@ from service.state import State
 
 log = logging.getLogger("fpet.service")
 HEALTH_SERVICE = "inference.GRPCInferenceService"
+ROUTE = f"/{HEALTH_SERVICE}/ModelInfer"  # how an inference call shows in access records and traces
 CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED,
          404: grpc.StatusCode.NOT_FOUND, 413: grpc.StatusCode.INVALID_ARGUMENT,
          415: grpc.StatusCode.INVALID_ARGUMENT, 422: grpc.StatusCode.INVALID_ARGUMENT,
@@ -44,7 +46,18 @@ class Call:
         remaining = context.time_remaining()
         if remaining is not None:
             self.headers["x-request-timeout-ms"] = str(max(remaining, 0.0) * 1000)
-        self.state = SimpleNamespace(timing={}, request_id=self.headers.get("x-request-id") or uuid.uuid4().hex)
+        self.state = SimpleNamespace(timing={}, request_id=self.headers.get("x-request-id") or uuid.uuid4().hex,
+                                     marks=[], model=None, task=None)  # fmt: skip
+
+    def fields(self, context: grpc.aio.ServicerContext, status: grpc.StatusCode, response) -> dict:
+        """The call's access record, in the fields an HTTP request's has (service.observed)."""
+        return {
+            "request_id": self.state.request_id, "method": "gRPC", "route": ROUTE, "path": ROUTE,
+            "model": self.state.model, "task": self.state.task, "status": status.name,
+            "bytes": response.ByteSize() if response is not None else 0,
+            "stages_ms": {k: round(v, 3) for k, v in self.state.timing.items() if k != "total"},
+            "client": context.peer(),
+        }  # fmt: skip
 
 
 def parse_infer(message: service_pb2.ModelInferRequest, img_size: int) -> oip.InferRequest:
@@ -166,11 +179,22 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
         async def run() -> service_pb2.ModelInferResponse:
             self.state.in_flight += 1  # the drain waits for gRPC calls as for HTTP requests
             self.state.last_arrival = time.monotonic()
+            start, status, response = time.perf_counter(), grpc.StatusCode.OK, None
             try:
-                return await inference.infer(call, self.state, request.model_name, request.model_version or None,
-                                             read, answer)  # fmt: skip
+                response = await inference.infer(call, self.state, request.model_name, request.model_version or None,
+                                                 read, answer)  # fmt: skip
+                return response
+            except ServiceError as exc:
+                status = CODES.get(exc.status, grpc.StatusCode.INTERNAL)
+                raise
+            except BaseException:
+                status = grpc.StatusCode.INTERNAL
+                raise
             finally:
                 self.state.in_flight -= 1
+                if wanted(self.state):
+                    observed(self.state, call.fields(context, status, response), call.headers, start,
+                             time.perf_counter(), call.state.marks, status == grpc.StatusCode.INTERNAL)  # fmt: skip
 
         return await self.answer(context, run)
 

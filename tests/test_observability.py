@@ -9,6 +9,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import ClassVar
 
 import httpx
+import tritonclient.grpc as grpcclient
 from fastapi.testclient import TestClient
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
@@ -18,16 +19,20 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 from service.app import create_app
 from service.settings import Settings
 from tests.test_app import jpeg
-from tests.test_service_e2e import start_server
+from tests.test_grpc import image_input
+from tests.test_service_e2e import free_port, start_server
 
 TRACE_ID = "0af7651916cd43dd8448eb211c80319c"
 PARENT_ID = "b7ad6b7169203331"
 
 
 def test_json_logs_are_one_object_per_line_with_each_requests_fields(tiny_bundles, tmp_path):
+    grpc_port = free_port()
     process, base = start_server(tiny_bundles, tmp_path, "--log-format", "json", "--model-control-mode", "explicit",
-                                 env={"FPET_ADMIN_KEY": "k"})  # fmt: skip
+                                 "--grpc-port", str(grpc_port), env={"FPET_ADMIN_KEY": "k"})  # fmt: skip
     try:
+        with grpcclient.InferenceServerClient(f"127.0.0.1:{grpc_port}") as client:
+            client.infer("backbone", [image_input([jpeg()])], headers={"x-request-id": "req-grpc"})
         ok = httpx.post(f"{base}/classify?model=backbone", content=jpeg(), headers={"Content-Type": "image/jpeg",
                         "X-Request-Id": "req-ok"})  # fmt: skip
         bad = httpx.post(f"{base}/classify", content=b"x", headers={"Content-Type": "text/plain",
@@ -47,6 +52,9 @@ def test_json_logs_are_one_object_per_line_with_each_requests_fields(tiny_bundle
     assert good["status"] == 200 and good["bytes"] > 0 and good["client"].startswith("127.0.0.1:")
     assert {"decode", "preprocess", "queue", "inference", "postprocess"} <= set(good["stages_ms"])
     assert access["req-bad"]["status"] == 415 and access["req-bad"]["model"] == "fpet"
+    call = access["req-grpc"]  # a gRPC call is recorded as a request is
+    assert call["method"] == "gRPC" and call["route"] == "/inference.GRPCInferenceService/ModelInfer"
+    assert call["status"] == "OK" and call["model"] == "backbone" and "inference" in call["stages_ms"]
     assert any(r["level"] == "error" and "load of" in r["message"] for r in records)  # errors as JSON too
     assert any(r["logger"].startswith("uvicorn") for r in records)  # uvicorn's own records are JSON as well
 
