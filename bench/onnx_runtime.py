@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from export.bundle import read_manifest, runtime_facts
+from fpet import selfcheck
 from fpet.errors import FpetError
 from fpet.runtimes import PRECISIONS as COMPUTED
 from fpet.runtimes import RUNTIMES, OpenVinoSession, choose, cpu_features
@@ -119,6 +120,8 @@ def bench_bundles(
     models = [bundle / m["files"]["onnx"] for bundle, m in zip(bundles, manifests, strict=True)]
     sessions = {s: session(models[s.bundle], s, threads, callers) for s in setups(manifests, runtimes, precisions,
                                                                                     levels)}  # fmt: skip
+    for setup, sess in sessions.items():  # speed is only worth measuring for a graph that still computes the model
+        check_bundle(sess, bundles[setup.bundle], manifests[setup.bundle], setup)
     samples: dict[tuple[Setup, int], list[float]] = {}
     for batch in batch_sizes:
         inputs = [np.random.default_rng(0).random((batch, 3, m["img_size"], m["img_size"]), dtype=np.float32)
@@ -152,6 +155,21 @@ def bench_bundles(
         row["speedup_vs_onnxruntime_fp32"] = reference["ms_per_image"] / row["ms_per_image"] if reference else None
         row["ideal_speedup_vs_first"] = manifests[0]["gmacs"] / row["gmacs"]
     return rows
+
+
+def check_bundle(sess, bundle: Path, manifest: dict, setup: Setup) -> None:
+    """The bundle's self-check on this runtime and precision (fpet.selfcheck); an error when it fails."""
+    dtype = np.float16 if manifest["precision"] == "fp16" else np.float32
+
+    def run(x: np.ndarray, tasks: np.ndarray | None) -> np.ndarray:
+        feed = {manifest["input"]["name"]: x.astype(dtype)}
+        if tasks is not None:
+            feed[manifest["task_input"]["name"]] = tasks
+        return sess.run([manifest["output"]["name"]], feed)[0]
+
+    result = selfcheck.check(run, bundle, manifest, setup.precision, facts={"runtime": setup.runtime})
+    if not result["passed"]:
+        raise FpetError(f"{bundle}: {selfcheck.summary(result)}")
 
 
 def bundle_predictions(

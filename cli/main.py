@@ -204,14 +204,19 @@ def cmd_export(args: argparse.Namespace) -> None:
             print(f"{variant}\t{path}")
         return
     if args.tasks:
-        if args.run or args.format not in (None, "onnx") or args.precision != "fp32" or not args.out:
-            raise FpetError("--tasks takes run folders (NAME=RUN to name a task) and --out; its bundle is fp32 ONNX")
+        if args.run or args.format not in (None, "onnx") or not args.out:
+            raise FpetError("--tasks takes run folders (NAME=RUN to name a task) and --out; its bundle is ONNX")
         from export.multitask import export_multitask, parse_tasks
 
-        manifest = export_multitask(parse_tasks(args.tasks), args.out, variant=args.variant, opset=args.opset, log=log)
+        manifest = export_multitask(parse_tasks(args.tasks), args.out, variant=args.variant, opset=args.opset,
+                                    precision=args.precision, quantization=args.quantization, log=log)  # fmt: skip
         for name, result in manifest["verification"]["tasks"].items():
             mixed = manifest["verification"]["mixed_batch"]["tasks"][name]
             log(f"{name}: max abs error {result['max_abs_error']:.2e} alone, {mixed['max_abs_error']:.2e} mixed")
+            if result.get("heldout"):
+                h = result["heldout"]
+                log(f"{name}: held-out accuracy {h['accuracy']}% (fp32 model {h['reference_accuracy']}%), top-1 "
+                    f"agreement {h['top1_agreement']:.3f} on {h['images']} images, in mixed batches")  # fmt: skip
         print(args.out)
         return
     if not args.run or not args.out:

@@ -10,7 +10,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from export.bundle import is_bundle, read_manifest
-from fpet import mergemap
+from fpet import mergemap, selfcheck
 from fpet.errors import FpetError
 from fpet.imaging import normalize, resize_rgb
 
@@ -35,6 +35,9 @@ def from_bundle(path: Path) -> Explainer:
     if "onnx" not in read_manifest(path)["files"]:
         raise FpetError(f"{path} has no ONNX graph to explain")
     runner = ModelRunner(path, providers="cpu")
+    check = runner.self_check(8)
+    if not check["passed"]:
+        raise FpetError(f"{path}: {selfcheck.summary(check)}")
     if runner.single is None:
         raise FpetError(f"{path} is a multi-task bundle: visualize one of its tasks' runs, or serve it and POST "
                         "/models/fpet/explain?task=TASK")  # fmt: skip

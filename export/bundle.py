@@ -13,9 +13,11 @@ from fpet.errors import FpetError
 
 # 2: fpet graphs have a second output, the merge maps (manifest `merge_maps`); 3: several tasks in one graph (a
 # `task` input, manifest `tasks`, labels per task); 4 and 5 (single- and multi-task): the merge maps follow the
-# matching by gathers alone and the scores are no matrix product, so runtimes keep the matching in fp32 (fpet.merge)
-BUNDLE_FORMAT = 4
-MULTITASK_BUNDLE_FORMAT = 5
+# matching by gathers alone and the scores are no matrix product, so runtimes keep the matching in fp32 (fpet.merge);
+# 6 and 7 (single- and multi-task): a self-check (`selfcheck.npz`, manifest `selfcheck`; fpet.selfcheck)
+BUNDLE_FORMAT = 6
+MULTITASK_BUNDLE_FORMAT = 7
+SAFE_LOWERING_FORMAT = 4  # from here on a runtime may lower everything but the matching
 NEWEST_FORMAT = max(BUNDLE_FORMAT, MULTITASK_BUNDLE_FORMAT)
 MANIFEST, LABELS, ONNX_FILE, TORCHSCRIPT_FILE = "manifest.json", "labels.json", "model.onnx", "model.ts"
 VARIANTS = ("fpet", "backbone")
@@ -60,5 +62,5 @@ def runtime_facts(manifest: dict) -> dict:
     return {
         "bundle_precision": manifest["precision"],
         "quantization": mode,
-        "lowers_safely": not merges or manifest["bundle_format"] >= BUNDLE_FORMAT,
+        "lowers_safely": not merges or manifest["bundle_format"] >= SAFE_LOWERING_FORMAT,
     }

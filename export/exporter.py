@@ -25,11 +25,19 @@ import torch
 
 from export.bundle import BUNDLE_FORMAT, FORMATS, LABELS, MANIFEST, PRECISIONS, VARIANTS, is_bundle
 from export.quantize import MODES as QUANTIZATION_MODES
-from export.verify import THRESHOLDS, calibration_inputs, heldout_accuracy, verification_pixels, verify_formats
+from export.verify import (
+    calibration_inputs,
+    heldout_accuracy,
+    selfcheck_inputs,
+    verification_pixels,
+    verify_formats,
+)
+from fpet import selfcheck
 from fpet.atomic import current_umask, write_json_atomic
 from fpet.cost import model_macs
 from fpet.errors import FpetError
 from fpet.pet import PetConfig
+from fpet.runtimes import cpu_features
 from fpet.schedule import tokens_per_block
 from fpet.sessions import OPTIMIZATION as ORT_OPTIMIZATION
 from fpet.sessions import create_session
@@ -259,25 +267,83 @@ def export_bundle(
             maps = verify_maps(expected_maps, inputs, tmp / files["onnx"], options.precision)
             verification["onnx"]["merge_maps"] = maps
             verification["onnx"]["passed"] &= maps["passed"]
-        if quantization is not None:
+        np_dtype = np.float16 if options.precision == "fp16" else np.float32
+        if "onnx" in files and options.precision != "fp32":
             log("measuring accuracy on held-out images of the run's data against the fp32 model ...")
-            heldout = heldout_accuracy(reference, runners["onnx"], config)
-            verification["onnx"]["heldout"] = heldout
-            verification["onnx"]["passed"] &= heldout is None or heldout["passed"]
+            heldout = heldout_accuracy(reference, lambda x: runners["onnx"](x.astype(np_dtype)), config)
+            judge_on_heldout(verification["onnx"], heldout)
         failed = [fmt for fmt, result in verification.items() if not result["passed"]]
         manifest = build_manifest(run_dir, config, deployed, options, files, verification, image_names, timings)
         if quantization is not None:
             manifest["quantization"] = quantization
+        if "onnx" in files:
+            check_inputs, described = selfcheck_inputs(config, inputs)
+            with torch.no_grad():
+                check_logits = reference(check_inputs).numpy()
+            run_here = lambda x, _: runners["onnx"](x.astype(np_dtype))  # noqa: E731
+            manifest["selfcheck"] = write_selfcheck(tmp, check_inputs.numpy(), check_logits, run_here, None, described)
+            passed = check_at_export(run_here, tmp, manifest)
+            verification["onnx"]["selfcheck"] = passed
+            if not passed["passed"] and "onnx" not in failed:
+                failed.append("onnx")
         write_json_atomic(tmp / LABELS, config["labels"])
         write_json_atomic(tmp / MANIFEST, manifest)
         if failed:
-            worst = {fmt: (verification[fmt]["max_abs_error"], verification[fmt]["top1_agreement"]) for fmt in failed}
-            raise FpetError(
-                f"verification failed for {', '.join(failed)} (max abs error, top-1 agreement: {worst}; "
-                f"limits {THRESHOLDS[options.precision]}); the bundle was not written"
-            )
+            raise FpetError(f"verification failed for {', '.join(failed)}: {failure_reason(verification, failed)}; "
+                            "the bundle was not written")  # fmt: skip
         replace_dir(tmp, out)
     return manifest
+
+
+def judge_on_heldout(result: dict, heldout: dict | None) -> None:
+    """A lower precision passes on the run's held-out images when they are here (their agreement and accuracy);
+    the verification images then only inform. Without the data they decide, as before (the documented fallback)."""
+    result["heldout"] = heldout
+    if heldout is None:
+        result["judged_on"] = "verification images (the run's data is not on this machine)"
+        return
+    result["judged_on"] = "held-out images of the run's data"
+    result["verification_images_passed"] = result["passed"]
+    result["passed"] = heldout["passed"] and result.get("merge_maps", {}).get("passed", True)
+
+
+def failure_reason(verification: dict, failed: list[str]) -> str:
+    parts = []
+    for fmt in failed:
+        result = verification[fmt]
+        heldout = result.get("heldout")
+        if heldout is not None and not heldout["passed"]:
+            h = heldout
+            parts.append(f"{fmt}: on {h['images']} held-out images top-1 agreement {h['top1_agreement']:.3f} (limit "
+                         f"{h['min_top1_agreement']}), accuracy {h['accuracy']}% against {h['reference_accuracy']}% "
+                         f"(limit: {h['max_drop_points']} points lower)")  # fmt: skip
+        elif result.get("selfcheck") is not None and not result["selfcheck"]["passed"]:
+            parts.append(f"{fmt}: {selfcheck.summary(result['selfcheck'])}")
+        else:
+            limits = result.get("batch_sizes", {}).get("1", {}).get("thresholds")
+            parts.append(f"{fmt}: max abs error {result['max_abs_error']:.4g}, top-1 agreement "
+                         f"{result['top1_agreement']:.3f} (limits {limits})")  # fmt: skip
+    return "; ".join(parts)
+
+
+def check_at_export(run: Callable, folder: Path, manifest: dict) -> dict:
+    """The new bundle's self-check where it was made (onnxruntime's CPU provider, in the bundle's own precision):
+    the file reads back and the graph gives what was recorded."""
+    facts = {"runtime": "onnxruntime", "cpu_features": list(cpu_features())}
+    return selfcheck.check(run, folder, manifest, manifest["precision"], facts=facts)
+
+
+def write_selfcheck(folder: Path, inputs: np.ndarray, logits: np.ndarray, run: Callable, tasks: np.ndarray | None,
+                    described: str, classes: np.ndarray | None = None) -> dict:  # fmt: skip
+    """selfcheck.npz (the reference model's logits, and the exported graph's here through `run`) and its manifest
+    entry: what it holds and the tolerance for each compute precision."""
+    exported = np.concatenate([run(inputs[i : i + 8], None if tasks is None else tasks[i : i + 8])
+                               for i in range(0, len(inputs), 8)])  # fmt: skip
+    selfcheck.write(folder, inputs, logits, exported, tasks, classes)
+    return {"file": selfcheck.FILE, "images": len(inputs), "inputs": described,
+            "compared_with": "the exported graph's logits on the exporting machine, for a runtime computing the "
+            "bundle's own precision; the reference model's (PyTorch fp32, training form, eval mode) for another",
+            "tolerances": selfcheck.TOLERANCES}  # fmt: skip
 
 
 def merge_maps_info(model: VisionTransformer) -> dict:
@@ -358,6 +424,7 @@ def build_manifest(
             "formats": verification,
             "checked_on": "CPUExecutionProvider"
             + (" (fp16 on a GPU is not checked here)" if options.precision == "fp16" else ""),
+            "cpu_features": list(cpu_features()),
         },
         "export_seconds": timings,
     }

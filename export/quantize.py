@@ -59,8 +59,11 @@ def unquantize_metric_input(path: Path) -> None:
     onnx.save(model, str(path))
 
 
-def quantize_int8(src: Path, dst: Path, mode: str = "dynamic", calibration: np.ndarray | None = None) -> dict:
-    """Write the int8 form of `src` to `dst`; returns what the manifest records about it."""
+def quantize_int8(
+    src: Path, dst: Path, mode: str = "dynamic", calibration: np.ndarray | None = None, tasks: np.ndarray | None = None
+) -> dict:
+    """Write the int8 form of `src` to `dst`; returns what the manifest records about it. `tasks`: a multi-task
+    graph's task index for each calibration image."""
     if mode not in MODES:
         raise FpetError(f"unknown quantization {mode!r}; choose one of: {', '.join(MODES)}")
     if mode == "static" and (calibration is None or not len(calibration)):
@@ -75,9 +78,10 @@ def quantize_int8(src: Path, dst: Path, mode: str = "dynamic", calibration: np.n
         if mode == "dynamic":
             quantize_dynamic(str(prepared), str(dst), **common)
         else:
-            input_name = onnx.load(str(prepared)).graph.input[0].name
+            names = [i.name for i in onnx.load(str(prepared)).graph.input]
+            feeds = {names[0]: calibration} if tasks is None else {names[0]: calibration, names[1]: tasks}
             quantize_static(
-                str(prepared), str(dst), CalibrationReader(input_name, calibration), quant_format=QuantFormat.QDQ,
+                str(prepared), str(dst), CalibrationReader(feeds), quant_format=QuantFormat.QDQ,
                 activation_type=QuantType.QInt8, **common,
                 extra_options={"ActivationSymmetric": True, "WeightSymmetric": True},
             )  # fmt: skip
@@ -96,15 +100,17 @@ def quantize_int8(src: Path, dst: Path, mode: str = "dynamic", calibration: np.n
 
 
 class CalibrationReader(CalibrationDataReader):
-    """Preprocessed float images in batches, as onnxruntime's calibration asks for them."""
+    """Preprocessed float images (and a multi-task graph's task indices) in batches, as onnxruntime's calibration
+    asks for them."""
 
-    def __init__(self, input_name: str, images: np.ndarray):
-        self._batches = self._iterate(input_name, images)
+    def __init__(self, feeds: dict[str, np.ndarray]):
+        self._batches = self._iterate(feeds)
 
     @staticmethod
-    def _iterate(input_name: str, images: np.ndarray) -> Iterator[dict]:
-        for start in range(0, len(images), CALIBRATION_BATCH):
-            yield {input_name: images[start : start + CALIBRATION_BATCH]}
+    def _iterate(feeds: dict[str, np.ndarray]) -> Iterator[dict]:
+        count = len(next(iter(feeds.values())))
+        for start in range(0, count, CALIBRATION_BATCH):
+            yield {name: array[start : start + CALIBRATION_BATCH] for name, array in feeds.items()}
 
     def get_next(self) -> dict | None:
         return next(self._batches, None)

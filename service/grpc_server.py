@@ -114,15 +114,16 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
         return service_pb2.ServerLiveResponse(live=True)
 
     async def ServerReady(self, request, context):
-        return service_pb2.ServerReadyResponse(ready=self.state.ready and not self.state.draining)
+        ready = self.state.ready and not self.state.draining and not self.state.unready  # as /readyz
+        return service_pb2.ServerReadyResponse(ready=ready)
 
     async def ModelReady(self, request, context):
         """False, not an error, for a model or version that is not served: as HTTP's /ready answers tritonclient."""
         try:
-            self.state.oip_model(request.name, request.version or None)[0]
+            runner = self.state.oip_model(request.name, request.version or None)[0]
         except ServiceError:
             return service_pb2.ModelReadyResponse(ready=False)
-        return service_pb2.ModelReadyResponse(ready=self.state.ready and not self.state.draining)
+        return service_pb2.ModelReadyResponse(ready=self.state.model_ready(runner.name))
 
     async def ServerMetadata(self, request, context):
         return service_pb2.ServerMetadataResponse(name="fpet", version=fpet.__version__, extensions=oip.EXTENSIONS)
@@ -221,7 +222,7 @@ class Health(health_pb2_grpc.HealthServicer):
     async def Check(self, request, context):
         if request.service not in ("", HEALTH_SERVICE):
             await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown service {request.service!r}")
-        serving = self.state.ready and not self.state.draining
+        serving = self.state.ready and not self.state.draining and not self.state.unready
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         return health_pb2.HealthCheckResponse(status=status)
 

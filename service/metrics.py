@@ -68,6 +68,10 @@ GFLOPS = Gauge(
 LOAD_SECONDS = Gauge("fpet_model_load_duration_seconds", "Model load time", ["model"], multiprocess_mode="max")
 WARMUP_SECONDS = Gauge("fpet_model_warmup_duration_seconds", "Warm-up time", ["model"], multiprocess_mode="max")
 FALLBACKS = Counter("fpet_execution_provider_fallback", "CUDA asked for, CPU given by onnxruntime", ["model"])
+SELFCHECK_FAILURES = Counter(
+    "fpet_selfcheck_failures", "Bundles whose self-check failed on this runtime as they loaded (FPET_SELFCHECK=off: "
+    "served anyway)", ["model"],
+)  # fmt: skip
 MODEL_LOADS = Counter(
     "fpet_model_loads", "Model-control loads, by outcome (success, failure)", ["model", "outcome"]
 )  # model names come from the admin's loads: a closed set in practice
@@ -94,6 +98,7 @@ def initialise(model: str, tasks: list[str]) -> None:
     for reason in REASONS:
         ERRORS.labels(model, reason)
     FALLBACKS.labels(model)
+    SELFCHECK_FAILURES.labels(model)
     for task in tasks:
         TASK_REQUESTS.labels(model, task, "200")
 

@@ -96,7 +96,7 @@ def accounted(
 async def admitted(request: Request, state: State, model: str) -> AsyncIterator[Ticket]:
     """Key, readiness and a place in the model's queue, all before the body is read: overload costs a 429 only."""
     check_key(request, state.settings)
-    state.check_serving()
+    state.check_serving(model)
     batcher = state.batchers.get(model)
     if batcher is None:  # unloaded (model control) while the request was on its way here
         raise ServiceError(404, "model_not_found", f"no model {model!r}; served: {', '.join(state.batchers)}")

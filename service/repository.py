@@ -24,7 +24,7 @@ from service import metrics, oip
 from service.batcher import MicroBatcher
 from service.errors import ServiceError
 from service.runtime import ModelRunner
-from service.state import State, check_task_names, install, open_model, start_batcher
+from service.state import State, check_task_names, install, open_model, selfcheck_failure, start_batcher
 
 log = logging.getLogger("fpet.service")
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
@@ -45,8 +45,9 @@ def index(state: State, ready_only: bool = False) -> list[dict]:
     for name in sorted({*state.runners, *state.control}):
         runner, status = state.runners.get(name), state.control.get(name)
         if runner is not None:
-            entry = {"name": name, "version": oip.VERSION, "state": READY if state.ready else UNAVAILABLE,
-                     "reason": status.reason if status else ("" if state.ready else state.reason),
+            reason = state.unready.get(name) or (status.reason if status else ("" if state.ready else state.reason))
+            entry = {"name": name, "version": oip.VERSION, "state": READY if state.model_ready(name) else UNAVAILABLE,
+                     "reason": reason,
                      "bundle_version": runner.manifest["version"]}  # fmt: skip
         else:
             entry = {"name": name, "version": oip.VERSION, "state": status.state, "reason": status.reason}
@@ -98,6 +99,9 @@ async def load(state: State, name: str, uri: str | None) -> ModelRunner:
             path = await asyncio.to_thread(resolve, state, name, uri)
             runner = await asyncio.to_thread(open_model, state, path, name)
             check_task_names(state, {**state.runners, name: runner})
+            failure = selfcheck_failure(state, runner)
+            if failure is not None:
+                raise ServiceError(400, "selfcheck_failed", failure)
         except Exception as exc:
             message = exc.message if isinstance(exc, ServiceError) else str(exc)
             reason = f"load of {uri or name} failed: {message}"
@@ -119,8 +123,9 @@ def swap(state: State, runner: ModelRunner) -> None:
     batcher = start_batcher(state, runner)
     state.runners[name], state.batchers[name] = runner, batcher
     state.control.pop(name, None)
+    state.unready.pop(name, None)  # the new version passed its self-check
     install(state, runner)
-    metrics.READY.labels(name).set(1 if state.ready else 0)
+    state.set_ready(state.ready, state.reason)
     if old[0] is not None:
         retire(state, *old)
 
@@ -132,7 +137,9 @@ async def unload(state: State, name: str) -> None:
                                                        f"{', '.join(state.runners) or 'none'}")  # fmt: skip
         runner, batcher = state.runners.pop(name), state.batchers.pop(name)
         state.control[name] = Status(UNAVAILABLE, "unloaded")
+        state.unready.pop(name, None)
         metrics.READY.labels(name).set(0)
+        state.set_ready(state.ready, state.reason)
         metrics.INFO.remove(*state.info_labels.pop(name))
         retire(state, batcher, runner)
         log.info("%s: unloaded", name)

@@ -13,6 +13,7 @@ import numpy as np
 from PIL import Image
 
 from export.bundle import read_manifest, runtime_facts
+from fpet import selfcheck
 from fpet.errors import FpetError
 from fpet.imaging import normalize, resize_rgb
 from fpet.runtimes import OpenVinoSession, choose, cpu_features
@@ -93,6 +94,7 @@ class ModelRunner:
         self.io_binding = self.on_gpu  # bound buffers: one host-to-device copy per batch, no per-run allocation
         self.load_seconds = time.perf_counter() - start
         self.warmup_seconds = 0.0
+        self.selfcheck: dict | None = None  # self_check's result, once run
 
     @property
     def on_gpu(self) -> bool:
@@ -147,6 +149,16 @@ class ModelRunner:
         names = [self.output_name, self.merge_maps["output"]]
         logits, maps = self.session.run(names, self.feeds(batch, tasks))
         return logits.astype(np.float32), maps
+
+    def self_check(self, max_batch: int) -> dict:
+        """The bundle's self-check (fpet.selfcheck) on this runtime, in the precision it computes in."""
+        facts = {"runtime": self.runtime, "provider": self.provider, "cpu_features": list(self.cpu_features)}
+        try:
+            self.selfcheck = selfcheck.check(lambda x, t: self.run(x.astype(self.dtype), t), self.bundle,
+                                             self.manifest, self.precision, max_batch, facts)  # fmt: skip
+        except FpetError as exc:  # an unreadable or mismatched file fails the check; it does not stop the service
+            self.selfcheck = {"passed": False, "error": str(exc), "compute_precision": self.precision, **facts}
+        return self.selfcheck
 
     def warm_up(self, max_batch: int) -> None:
         """Run every batch size the batcher may form, so no request pays for a first-time allocation."""

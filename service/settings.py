@@ -65,6 +65,10 @@ class Settings(BaseSettings):
         "outside the request path, to measure their top-1 agreement on live traffic (0: off)",
     )  # fmt: skip
     shadow_reference: str = Field("backbone", description="the variant shadow requests are compared with")
+    selfcheck: Literal["on", "off"] = Field(
+        "on", description="on: a model whose self-check fails on this runtime is not ready (the others serve); off: it "
+        "serves anyway, counted and logged as a warning",
+    )  # fmt: skip
     log_format: Literal["text", "json"] = Field(
         "text", description="json: one JSON object per request and per log record, on stderr"
     )

@@ -17,6 +17,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
+from fpet import selfcheck
 from fpet.paths import default_bundle_dir
 from service import metrics, oip
 from service.batcher import MicroBatcher
@@ -56,6 +57,7 @@ class State:
         self.shadows: set[asyncio.Task] = set()  # shadow runs in progress (service.shadow)
         self._store: Path | None = None
         self.ready = False
+        self.unready: dict[str, str] = {}  # models loaded but not to be served, and why (a failed self-check)
         self.draining = False
         self.reason = "loading models"
         metrics.serving().set(0)
@@ -113,17 +115,23 @@ class State:
             raise ServiceError(404, "model_not_found", f"{name} has no version {version!r}; it serves {oip.VERSION!r}")
         return runner, task
 
-    def check_serving(self) -> None:
+    def check_serving(self, model: str | None = None) -> None:
+        """503 while loading, after a failure or draining; and for `model`, while it may not serve."""
         if self.draining:
             raise ServiceError(503, "shutting_down", "the server is shutting down", {"Retry-After": "5"})
         if not self.ready:
             raise ServiceError(503, "not_ready", f"not ready: {self.reason}", {"Retry-After": "5"})
+        if model is not None and model in self.unready:
+            raise ServiceError(503, "not_ready", f"not ready: {self.unready[model]}", {"Retry-After": "5"})
+
+    def model_ready(self, name: str) -> bool:
+        return self.ready and not self.draining and name in self.runners and name not in self.unready
 
     def set_ready(self, ready: bool, reason: str = "") -> None:
         self.ready, self.reason = ready, reason
-        metrics.serving().set(1 if ready else 0)
+        metrics.serving().set(1 if ready and not self.unready else 0)
         for name in self.runners:
-            metrics.READY.labels(name).set(1 if ready else 0)
+            metrics.READY.labels(name).set(1 if self.model_ready(name) else 0)
 
     def begin_drain(self) -> None:
         """On the event loop, never in a signal handler: prometheus_client's locks are not re-entrant."""
@@ -156,11 +164,29 @@ def open_model(state: State, path: str | Path, name: str | None = None) -> Model
     runner = ModelRunner(path, settings.providers, session_threads(settings), settings.runtime, settings.precision,
                          settings.instances)  # fmt: skip
     runner.name = name or runner.name
-    verified = runner.manifest.get("verification", {}).get("passed", True)
-    if verified is False:
+    formats = runner.manifest.get("verification", {}).get("formats", {})
+    if not all(result.get("passed", True) for result in formats.values()):
         raise ServiceError(400, "invalid_bundle", f"{path}: the bundle failed its own verification at export")
     runner.warm_up(state.max_batch(runner))
+    runner.self_check(state.max_batch(runner))
     return runner
+
+
+def selfcheck_failure(state: State, runner: ModelRunner) -> str | None:
+    """Why the model must not serve, if its self-check failed (counted either way; with FPET_SELFCHECK=off it
+    serves, with a warning)."""
+    result = runner.selfcheck or {}
+    if result.get("passed", True):
+        if result.get("skipped"):
+            log.warning("%s: %s", runner.name, result["skipped"])
+        return None
+    reason = f"{runner.name}: {selfcheck.summary(result)}"
+    metrics.SELFCHECK_FAILURES.labels(runner.name).inc()
+    if state.settings.selfcheck == "off":
+        log.warning("%s (FPET_SELFCHECK=off: served anyway)", reason)
+        return None
+    log.error("%s: not ready", reason)
+    return reason
 
 
 def install(state: State, runner: ModelRunner) -> None:
@@ -196,7 +222,8 @@ def check_task_names(state: State, runners: dict[str, ModelRunner]) -> None:
 
 
 def load(state: State) -> None:
-    """Load and warm every bundle (in a worker thread: this takes seconds)."""
+    """Load and warm every bundle (in a worker thread: this takes seconds). A model whose self-check fails is loaded
+    but not ready; the others serve."""
     for path in bundle_paths(state.settings):
         runner = open_model(state, path)
         if runner.name in state.runners:
@@ -204,6 +231,9 @@ def load(state: State) -> None:
         check_task_names(state, {**state.runners, runner.name: runner})
         state.runners[runner.name] = runner
         install(state, runner)
+        failure = selfcheck_failure(state, runner)
+        if failure is not None:
+            state.unready[runner.name] = failure
 
 
 def session_threads(settings: Settings) -> int:

@@ -200,7 +200,12 @@ def test_int8_export_quantizes_the_linear_layers_and_keeps_merging_fp32(tmp_path
     assert manifest["quantization"]["mode"] == "dynamic"
     result = manifest["verification"]["formats"]["onnx"]
     assert result["passed"] and result["heldout"] is None  # the run's data is not on this machine
-    assert sorted(p.name for p in (tmp_path / "b8").iterdir()) == ["labels.json", "manifest.json", "model.onnx"]
+    assert sorted(p.name for p in (tmp_path / "b8").iterdir()) == [
+        "labels.json",
+        "manifest.json",
+        "model.onnx",
+        "selfcheck.npz",
+    ]
     ops = quantized_ops(tmp_path / "b8" / "model.onnx")
     assert len(ops["DynamicQuantizeLinear"]) == 4 * 12  # qkv, proj, fc1, fc2 of 12 blocks
     float_matmuls = ops["MatMul"]
@@ -237,9 +242,30 @@ def test_int8_is_judged_on_held_out_images_of_the_run(tmp_path, monkeypatch):
     assert any(made_by.get(name) == "DequantizeLinear" for node in graph.node if "attn/qkv" in node.name
                for name in node.input)  # fmt: skip
     monkeypatch.setattr(verify, "HELDOUT_MAX_DROP", -101.0)  # no bundle can be 101 points more accurate
-    with pytest.raises(FpetError, match="verification failed for onnx"):
+    with pytest.raises(FpetError, match="verification failed for onnx: onnx: on 12 held-out images"):
         export_bundle(run, tmp_path / "b8", options, **quiet)
     assert read_manifest(tmp_path / "b8") == manifest
+
+
+def test_int8_that_fails_on_the_photos_but_holds_on_the_task_is_exported(tmp_path, monkeypatch):
+    """The case that refused the three-point model: off-task photos (near-ties) outside the int8 limits while the
+    run's own held-out images agree. The photos inform; the held-out images decide, where the data is."""
+    from export import verify
+    from tests.training_helpers import make_image_folder
+
+    monkeypatch.setitem(verify.THRESHOLDS, "int8", {"max_abs_error": 0.0, "top1_agreement": 1.01})  # none can pass
+    run = make_run(tmp_path / "run")
+    options = ExportOptions(precision="int8", formats=("onnx",))
+    with pytest.raises(FpetError, match="max abs error"):  # no data here: the verification images decide
+        export_bundle(run, tmp_path / "without", options, **quiet)
+    data = tmp_path / "data"
+    make_image_folder(data / "test", per_class=4, size=64, seed=1)
+    config = json.loads((run / checkpoint.CONFIG).read_text())
+    config["train"]["data"], config["labels"] = str(data), ["class_0", "class_1", "class_2"]
+    (run / checkpoint.CONFIG).write_text(json.dumps(config))
+    result = export_bundle(run, tmp_path / "with", options, **quiet)["verification"]["formats"]["onnx"]
+    assert result["passed"] and not result["verification_images_passed"]
+    assert result["judged_on"] == "held-out images of the run's data" and result["heldout"]["passed"]
 
 
 def test_int8_is_onnx_only():

@@ -151,7 +151,7 @@ def test_verification_refuses_a_graph_whose_banks_are_in_the_wrong_order(task_ru
     _, runs = task_runs
     monkeypatch.setattr(export.multitask, "stack_tasks", lambda models: stack_tasks(models[::-1]))
     tasks = parse_tasks([f"{name}={run}" for name, run in runs.items()])
-    with pytest.raises(FpetError, match="verification failed for shapes, sizes"):
+    with pytest.raises(FpetError, match=r"verification failed for shapes \(max abs error .*\), sizes \("):
         export_multitask(tasks, tmp_path / "wrong", log=lambda _: None)
     assert not (tmp_path / "wrong").exists()
 
@@ -264,3 +264,30 @@ def test_load_and_memory_benchmarks_on_a_real_server(multitask_bundles, tmp_path
     assert row["tasks"] == 3 and row["servers"] == 1 and 0 < row["pss_mib"] <= row["rss_mib"]
     with pytest.raises(FpetError, match="NAME=BUNDLE"):
         parse_case("no-bundles")
+
+
+@pytest.mark.parametrize("precision", ["int8", "fp16"])
+def test_int8_and_fp16_multitask_bundles_are_verified_per_task_and_check_themselves(task_runs, precision):
+    root, runs = task_runs
+    out = root / f"mt-{precision}"
+    done = run_fpet("export", "--tasks", *[f"{n}={r}" for n, r in runs.items()], "--precision", precision, "--out",
+                    str(out), home=root)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["precision"] == precision and manifest["bundle_format"] == 7
+    assert set(manifest["verification"]["tasks"]) == set(TASKS) and manifest["verification"]["passed"]
+    if precision == "int8":
+        assert manifest["quantization"]["mode"] == "dynamic"
+    assert manifest["verification"]["selfcheck"]["passed"]
+    runner = ModelRunner(out, providers="cpu", runtime="onnxruntime")
+    assert runner.self_check(8)["passed"] and runner.self_check(8)["compute_precision"] == precision
+    with np.load(out / "selfcheck.npz") as check:
+        assert sorted(set(check["task"].tolist())) == list(range(len(TASKS)))
+        classes = [int(check["classes"][check["task"] == t][0]) for t in range(len(TASKS))]
+        assert classes == [len(v) for v in TASKS.values()]
+    settings = Settings(bundles=[str(out)], providers="cpu", runtime="onnxruntime")
+    with TestClient(create_app(settings)) as client:
+        assert client.get("/readyz").status_code == 200
+        for name, labels in TASKS.items():
+            answer = client.post(f"/tasks/{name}/classify", content=photo(1), headers={"Content-Type": "image/png"})
+            assert answer.status_code == 200 and answer.json()["predictions"][0]["label"] in labels

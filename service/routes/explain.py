@@ -76,7 +76,7 @@ async def explain(
     with accounted("explain", runner.provider, start):
         chosen = runner.task(task)
         check_key(request, state.settings)
-        state.check_serving()
+        state.check_serving(runner.name)
         png = wants_png(request, format_)
         if png and runner.merge_maps is None:
             raise ServiceError(400, "invalid_request", f"model {model!r} merges no tokens: there is no map to draw")

@@ -6,6 +6,7 @@ from fastapi import APIRouter
 from fastapi.responses import PlainTextResponse, Response
 
 from service import metrics
+from service.errors import ServiceError
 from service.schemas import ErrorBody
 from service.state import StateDep
 
@@ -23,6 +24,8 @@ async def healthz() -> dict:
 @router.get("/v2/health/ready", include_in_schema=False)
 async def readyz(state: StateDep) -> dict:
     state.check_serving()
+    if state.unready:  # the other models serve, but this instance is not what it was deployed to be
+        raise ServiceError(503, "not_ready", f"not ready: {'; '.join(state.unready.values())}", {"Retry-After": "5"})
     return {"status": "ready", "models": {n: r.provider for n, r in state.runners.items()}}
 
 
@@ -31,8 +34,8 @@ async def readyz(state: StateDep) -> dict:
 @router.get("/v2/models/{model}/versions/{version}/ready", include_in_schema=False)
 async def model_ready(state: StateDep, model: str, version: str | None = None) -> dict:
     """A multi-task model's tasks are OIP models of their own (as for inference)."""
-    state.oip_model(model, version)
-    state.check_serving()
+    runner, _ = state.oip_model(model, version)
+    state.check_serving(runner.name)
     return {"name": model, "ready": True}
 
 
