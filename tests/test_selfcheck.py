@@ -113,3 +113,18 @@ def test_a_damaged_self_check_file_is_a_clear_error(tiny_bundles, tmp_path):
         assert answer.status_code == 503 and "self-check failed" in answer.json()["error"]
         assert "not a readable self-check" in answer.json()["error"]
         assert classify(client, "backbone").status_code == 200
+
+
+def test_the_bundles_own_precision_is_held_to_its_export_and_another_to_the_reference(tiny_bundles, tmp_path):
+    """onnxruntime computing the fp32 bundle is compared with the graph's logits at export; OpenVINO computing it in
+    bf16, with the reference model's. Only the reference's logits are moved here: only bf16 notices."""
+    fpet = copy(tiny_bundles["fpet"], tmp_path / "fpet")
+    path = fpet / selfcheck.FILE
+    with np.load(path) as data:
+        arrays = {k: data[k] for k in data.files}
+    arrays["logits"] += 5
+    with path.open("wb") as f:
+        np.savez(f, **arrays)
+    assert ModelRunner(fpet, providers="cpu", runtime="onnxruntime").self_check(4)["passed"]
+    bf16 = ModelRunner(fpet, providers="cpu", runtime="openvino", precision="bf16").self_check(4)
+    assert not bf16["passed"] and bf16["compute_precision"] == "bf16" and bf16["max_abs_error"] >= 4

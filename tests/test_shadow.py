@@ -1,6 +1,8 @@
 """Shadow agreement: the counts match a direct comparison of the two variants on the same images, shadow work is
 dropped (and counted) when the service is busy, and it never changes what the client gets."""
 
+import json
+import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -63,9 +65,29 @@ def test_shadow_agreement_matches_a_direct_comparison(client):
             "predictions"][0]["index"] for m in ("fpet", "backbone")]  # fmt: skip
         direct.append(tops[0] == tops[1])
     assert agreed == sum(direct) and disagreed == len(direct) - sum(direct)
-    assert 0 < sum(direct) < len(direct)  # both outcomes occur: a count that ignored the logits would not match
     dropped = {k: v - before[2].get(k, 0) for k, v in counts(client).items() if k.startswith("fpet_shadow_dropped")}
     assert not any(dropped.values())
+
+
+def test_a_reference_that_is_the_same_model_agrees_on_every_image(tiny_bundles, tmp_path):
+    """The counterpart of the direct comparison (whose tiny models may agree on all images or none): a twin of the
+    fpet bundle under another name must agree every time."""
+    twin = tmp_path / "twin"
+    shutil.copytree(tiny_bundles["fpet"], twin)
+    manifest = json.loads((twin / "manifest.json").read_text())
+    (twin / "manifest.json").write_text(json.dumps({**manifest, "variant": "twin"}))
+    settings = Settings(bundles=[str(tiny_bundles["fpet"]), str(twin)], providers="cpu", runtime="onnxruntime",
+                        shadow_rate=1.0, shadow_reference="twin")  # fmt: skip
+    with TestClient(create_app(settings)) as client:
+        key = 'fpet_shadow_requests_total{agree="%s",model="fpet",reference="twin"}'
+        before = {v: counts(client).get(key % v, 0) for v in ("true", "false")}
+        for seed in range(12):
+            assert (
+                client.post("/classify", content=photo(seed), headers={"Content-Type": "image/png"}).status_code == 200
+            )
+            settle(client)
+        after = {v: counts(client).get(key % v, 0) for v in ("true", "false")}
+        assert after["true"] - before["true"] == 12 and after["false"] == before["false"]
 
 
 def test_shadow_work_is_dropped_when_busy_and_every_request_is_accounted_for(client):

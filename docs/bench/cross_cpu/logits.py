@@ -23,7 +23,20 @@ start = time.perf_counter()
 logits = np.concatenate([runner.run(inputs[i : i + 8]) for i in range(0, count, 8)])
 seconds = time.perf_counter() - start
 check = runner.self_check(8)
-np.savez(out, logits=logits, labels=np.array(source.labels[:count]),
-         facts=np.array(json.dumps({"cpu_features": list(cpu_features()), "seconds": seconds, "selfcheck": check})))
-print(json.dumps({"bundle": str(bundle), "cpu_features": cpu_features(), "seconds": round(seconds, 1),
-                  "selfcheck_passed": check["passed"], "selfcheck_max_abs_error": check.get("max_abs_error")}))
+np.savez(
+    out,
+    logits=logits,
+    labels=np.array(source.labels[:count]),
+    facts=np.array(json.dumps({"cpu_features": list(cpu_features()), "seconds": seconds, "selfcheck": check})),
+)
+print(
+    json.dumps(
+        {
+            "bundle": str(bundle),
+            "cpu_features": cpu_features(),
+            "seconds": round(seconds, 1),
+            "selfcheck_passed": check["passed"],
+            "selfcheck_max_abs_error": check.get("max_abs_error"),
+        }
+    )
+)
