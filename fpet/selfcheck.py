@@ -21,13 +21,14 @@ IMAGES = 16
 # By the precision the runtime computes in (not the bundle's): an fp32 bundle that OpenVINO runs in bf16 is held to
 # bf16's tolerance against the reference model: OpenVINO's bf16 run of the default model differed from onnxruntime's
 # fp32 by at most 0.91 in logits on 256 test images (logits span -15 to 16), 0.14 on its 16 self-check images. An int8
-# or fp16 bundle computed as such is held against its own outputs at export: int8 allows 2, as CPUs without VNNI
-# saturate differently (up to 0.97 measured between this CPU and an emulated AVX2 one).
+# or fp16 bundle computed as such is held against its own outputs at export, which another runtime or CPU computes with
+# other kernels: on the default model's static int8 bundle OpenVINO differed from onnxruntime by up to 1.86 here, so
+# int8 allows 3 (top-1 agreement stays the sharper test).
 TOLERANCES = {
     "fp32": {"max_abs_error": 1e-3, "top1_agreement": 1.0},
     "fp16": {"max_abs_error": 0.25, "top1_agreement": 1.0},
     "bf16": {"max_abs_error": 1.0, "top1_agreement": 1.0},
-    "int8": {"max_abs_error": 2.0, "top1_agreement": 0.9},
+    "int8": {"max_abs_error": 3.0, "top1_agreement": 0.9},
 }
 
 
