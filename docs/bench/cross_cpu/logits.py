@@ -16,7 +16,7 @@ from service.runtime import ModelRunner
 from training.data import open_split
 
 bundle, count, out = Path(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3])
-runner = ModelRunner(bundle, providers="cpu", runtime="onnxruntime")
+runner = ModelRunner(bundle, providers="cpu", threads=1, runtime="onnxruntime")  # no spinning pool under TCG
 source = open_split("/usr/share/datasets/fashion-mnist", "test")
 inputs = np.stack([runner.preprocess(source.open_image(i).convert("RGB")) for i in range(count)])
 start = time.perf_counter()
