@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 from fastapi import Depends, Request
 
@@ -25,6 +25,9 @@ from service.errors import ServiceError
 from service.runtime import ModelRunner
 from service.settings import Settings
 from service.statistics import Statistics
+
+if TYPE_CHECKING:
+    from service.repository import Status
 
 log = logging.getLogger("fpet.service")
 CPU_MAX = Path("/sys/fs/cgroup/cpu.max")  # cgroup v2: "QUOTA PERIOD", or "max PERIOD" without a CPU limit
@@ -52,7 +55,7 @@ class State:
         # One inference at a time per slot, across every model on the device: each batch's time is its own model's.
         self.device = asyncio.Semaphore(settings.instances)
         self.retiring: set[asyncio.Task] = set()  # versions swapped out, finishing what they hold (model control)
-        self.control: dict[str, object] = {}  # model control: repository.Status of models loading, unloaded, failed
+        self.control: dict[str, Status] = {}  # model control: models loading, unloaded, or whose last load failed
         self.control_lock = asyncio.Lock()
         self.shadows: set[asyncio.Task] = set()  # shadow runs in progress (service.shadow)
         self._store: Path | None = None
@@ -80,6 +83,10 @@ class State:
         if self._store is None:
             self._store = Path(tempfile.mkdtemp(prefix="fpet-models-"))
         return self._store
+
+    def remove_store(self) -> None:
+        if self._store is not None:
+            shutil.rmtree(self._store, ignore_errors=True)
 
     def owns(self, path: Path) -> bool:
         return self._store is not None and path.is_relative_to(self._store)
@@ -278,5 +285,4 @@ async def drain(state: State) -> None:
     await asyncio.gather(*state.retiring, return_exceptions=True)
     for executor in [*(b.executor for b in state.batchers.values()), state.decode_pool]:
         executor.shutdown(wait=False)
-    if state._store is not None:
-        shutil.rmtree(state._store, ignore_errors=True)
+    state.remove_store()
