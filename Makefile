@@ -28,6 +28,7 @@ run: bundles
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 
 # NVIDIA's perf_analyzer for the Triton-compatibility tests (needs Debian's libb64-0d; no GPU).
 tools: $(STAMP)
