@@ -18,6 +18,7 @@ from pathlib import Path
 import httpx
 
 from bench.http import make_case, run_wrk, settle
+from fpet.atomic import write_json_atomic
 from fpet.errors import FpetError
 
 MODELS = ("fpet", "backbone")
@@ -123,11 +124,10 @@ def main() -> None:
     args = parser.parse_args()
     result = bench_live(args.url.rstrip("/"), Path(args.image).read_bytes(), args.rounds, args.requests,
                         args.connections, args.seconds)  # fmt: skip
-    text = json.dumps(result, indent=2)
-    print(text)
+    print(json.dumps(result, indent=2))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
+        write_json_atomic(args.out, result)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 
 from bench.http import settle
+from fpet.atomic import write_json_atomic
 from training.data import open_split
 
 SHADOW = "fpet_shadow_requests_total"
@@ -74,11 +75,10 @@ def main() -> None:
     parser.add_argument("--out", help="write the result here as JSON")
     args = parser.parse_args()
     result = bench_shadow(args.url.rstrip("/"), args.data, args.images)
-    text = json.dumps(result, indent=2)
-    print(text)
+    print(json.dumps(result, indent=2))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
+        write_json_atomic(args.out, result)
 
 
 if __name__ == "__main__":

@@ -154,8 +154,13 @@ def task_calibration(configs: dict) -> tuple[np.ndarray, np.ndarray]:
                             "machine (use --quantization dynamic)")  # fmt: skip
         images.append(found)
         tasks.append(np.full(len(found), t, dtype=np.int64))
-    order = np.argsort(np.concatenate([np.arange(len(a)) for a in tasks]), kind="stable")
+    order = round_robin(tasks)
     return np.concatenate(images)[order], np.concatenate(tasks)[order]
+
+
+def round_robin(groups: list[np.ndarray]) -> np.ndarray:
+    """The order that takes one item of each group in turn (of the groups concatenated), as mixed traffic comes."""
+    return np.argsort(np.concatenate([np.arange(len(g)) for g in groups]), kind="stable")
 
 
 def heldout_mixed(session, references: dict, configs: dict, dtype: type) -> dict[str, dict | None]:
@@ -176,7 +181,7 @@ def heldout_mixed(session, references: dict, configs: dict, dtype: type) -> dict
     if not rows:
         return results
     x, t = np.concatenate(inputs), np.concatenate(tasks)
-    order = np.argsort(np.concatenate([np.arange(len(a)) for a in tasks]), kind="stable")  # round-robin by task
+    order = round_robin(tasks)
     logits = run_graph(session, x[order].astype(dtype), t[order], max(BATCH_SIZES), [OUTPUT_NAME])[0]
     got = np.empty_like(logits, dtype=np.float32)
     got[order] = logits

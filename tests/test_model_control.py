@@ -16,9 +16,8 @@ from export.multitask import export_multitask, parse_tasks
 from service.app import create_app
 from service.settings import Settings
 from tests.test_app import jpeg
-from tests.test_multitask import TASKS
+from tests.test_multitask import TASKS, task_runs  # noqa: F401 (a fixture)
 from tests.test_service_e2e import start_server
-from tests.training_helpers import make_backbone, make_run
 
 ADMIN = {"Authorization": "Bearer admin-secret"}
 
@@ -128,12 +127,9 @@ def test_unload_then_load_again_under_any_name(tiny_bundles, client):
 
 
 @pytest.fixture(scope="module")
-def task_bundles(tmp_path_factory):
+def task_bundles(task_runs):  # noqa: F811 (the fixture imported above)
     """Multi-task bundles of the same backbone: two tasks, then re-exported with a third."""
-    root = tmp_path_factory.mktemp("control-tasks")
-    weights = make_backbone(root / "backbone.safetensors")
-    runs = {name: make_run(root / name, labels=labels, seed=i, weights=weights) for i, (name, labels) in
-            enumerate(TASKS.items())}  # fmt: skip
+    root, runs = task_runs
     specs = [f"{name}={run}" for name, run in runs.items()]
     export_multitask(parse_tasks(specs[:2]), root / "two", log=lambda _: None)
     export_multitask(parse_tasks(specs), root / "three", log=lambda _: None)
