@@ -30,26 +30,31 @@ TOLERANCES = {
     "bf16": {"max_abs_error": 1.0, "top1_agreement": 1.0},
     "int8": {"max_abs_error": 3.0, "top1_agreement": 0.9},
 }
+# Where most self-check images are near-ties: bf16 on a Sapphire Rapids CI machine flipped 1 of a tiny test model's 8
+# (max logit error 0.013 against its limit of 1.0); a swapped graph agrees on about 1 image in `classes`.
+TIED_AGREEMENT = 0.75
 
 
 def compare(reference: np.ndarray, candidate: np.ndarray, limits: dict) -> dict:
     """Max abs logit error, and top-1 agreement judged on the images that are not near-ties: where the reference's
     two best logits are closer than the allowed error, either answer is within tolerance. When most images are
-    near-ties (int8's allowance can exceed a weak model's whole logit spread), that would leave too little to judge:
-    agreement is then taken on every image, so a graph with its classes swapped cannot pass on ties alone."""
+    near-ties (int8's or bf16's allowance can exceed a weak model's whole logit spread), that would leave too little to
+    judge: agreement is then taken on every image against a floor (`TIED_AGREEMENT`), since rounding flips some of
+    those ties on some CPUs while a graph with its classes swapped or scrambled agrees on few."""
     error = float(np.abs(reference - candidate).max())
     same = reference.argmax(-1) == candidate.argmax(-1)
     top2 = np.sort(reference, axis=-1)[:, -2:]
     ties = top2[:, 1] - top2[:, 0] <= limits["max_abs_error"]
-    judged = ~ties if 2 * ties.sum() <= len(ties) else np.ones_like(ties)
-    agreement = float(same[judged].mean())
+    mostly_ties = 2 * ties.sum() > len(ties)
+    agreement = float(same.mean() if mostly_ties else same[~ties].mean())
+    needed = min(limits["top1_agreement"], TIED_AGREEMENT) if mostly_ties else limits["top1_agreement"]
     return {
         "max_abs_error": error,
         "top1_agreement": agreement,
         "top1_agreement_all_images": float(same.mean()),
         "near_ties": int(ties.sum()),
-        "thresholds": limits,
-        "passed": error <= limits["max_abs_error"] and agreement >= limits["top1_agreement"],
+        "thresholds": {**limits, "top1_agreement": needed},
+        "passed": error <= limits["max_abs_error"] and agreement >= needed,
     }
 
 
