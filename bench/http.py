@@ -53,10 +53,14 @@ class Case:
 
 
 def oip_body(name: str, datatype: str, shape: list[int], raw: bytes) -> tuple[bytes, str]:
-    head = json.dumps({
-        "inputs": [{"name": name, "datatype": datatype, "shape": shape, "parameters": {"binary_data_size": len(raw)}}],
-        "outputs": [{"name": "probabilities", "parameters": {"binary_data": True}}],
-    }).encode()  # fmt: skip
+    head = json.dumps(
+        {
+            "inputs": [
+                {"name": name, "datatype": datatype, "shape": shape, "parameters": {"binary_data_size": len(raw)}}
+            ],
+            "outputs": [{"name": "probabilities", "parameters": {"binary_data": True}}],
+        }
+    ).encode()
     return head + raw, str(len(head))
 
 
@@ -159,8 +163,17 @@ def run_wrk(case: Case, concurrency: int, seconds: float, folder: Path) -> dict:
     script = folder / "case.lua"
     routes = ", ".join(json.dumps(path) for path in case.paths)
     script.write_text(WRK_SCRIPT % {"paths": ", ".join(paths), "routes": routes, "headers": headers})
-    cmd = ["wrk", "-t1", f"-c{concurrency}", f"-d{max(1, round(seconds))}s", "--timeout", "30s", "-s", str(script),
-           case.url]  # fmt: skip
+    cmd = [
+        "wrk",
+        "-t1",
+        f"-c{concurrency}",
+        f"-d{max(1, round(seconds))}s",
+        "--timeout",
+        "30s",
+        "-s",
+        str(script),
+        case.url,
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True)
     line = next((x for x in done.stdout.splitlines() if x.startswith("FPET_RESULT ")), None)
     if done.returncode != 0 or line is None:
@@ -172,8 +185,15 @@ def run_wrk(case: Case, concurrency: int, seconds: float, folder: Path) -> dict:
             statuses[status] = statuses.get(status, 0) + count
     errors = {k: v for k, v in statuses.items() if k != "200"}
     errors.update({name: n for name, n in raw["socket_errors"].items() if n})
-    return {"requests": raw["requests"], "ok": statuses.get("200", 0), "errors": errors, "seconds": raw["seconds"],
-            "p50_ms": raw["p50_ms"], "p95_ms": raw["p95_ms"], "p99_ms": raw["p99_ms"]}  # fmt: skip
+    return {
+        "requests": raw["requests"],
+        "ok": statuses.get("200", 0),
+        "errors": errors,
+        "seconds": raw["seconds"],
+        "p50_ms": raw["p50_ms"],
+        "p95_ms": raw["p95_ms"],
+        "p99_ms": raw["p99_ms"],
+    }
 
 
 def run_hey(case: Case, concurrency: int, seconds: float, folder: Path) -> dict:
@@ -182,8 +202,23 @@ def run_hey(case: Case, concurrency: int, seconds: float, folder: Path) -> dict:
     body = folder / "body.bin"
     body.write_bytes(case.bodies[0])  # hey sends one body
     headers = [arg for k, v in case.headers.items() if k != "Content-Type" for arg in ("-H", f"{k}: {v}")]
-    cmd = ["hey", "-z", f"{max(1, round(seconds))}s", "-c", str(concurrency), "-m", "POST", "-T",
-           case.headers["Content-Type"], *headers, "-D", str(body), "-t", "30", case.url]  # fmt: skip
+    cmd = [
+        "hey",
+        "-z",
+        f"{max(1, round(seconds))}s",
+        "-c",
+        str(concurrency),
+        "-m",
+        "POST",
+        "-T",
+        case.headers["Content-Type"],
+        *headers,
+        "-D",
+        str(body),
+        "-t",
+        "30",
+        case.url,
+    ]
     start = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True)
     elapsed = time.perf_counter() - start
@@ -202,14 +237,27 @@ def parse_hey(text: str) -> dict:
     errors_at = text.find("Error distribution:")
     for n, message in re.findall(r"^\s*\[(\d+)\]\s+(.*)$", text[errors_at:] if errors_at >= 0 else "", re.M):
         low = message.lower()
-        kind = ("timeout" if "timeout" in low or "deadline exceeded" in low else "connect" if "dial tcp" in low
-                else "read" if "eof" in low or "reset" in low or "read" in low else "write" if "write" in low
-                else "other")  # fmt: skip
+        kind = (
+            "timeout"
+            if "timeout" in low or "deadline exceeded" in low
+            else "connect"
+            if "dial tcp" in low
+            else "read"
+            if "eof" in low or "reset" in low or "read" in low
+            else "write"
+            if "write" in low
+            else "other"
+        )
         errors[kind] = errors.get(kind, 0) + int(n)
     latency = {int(p): 1000 * float(v) for p, v in re.findall(r"^\s*(\d+)% in ([\d.]+) secs", text, re.M)}
-    return {"requests": sum(statuses.values()) + sum(v for k, v in errors.items() if not k.isdigit()),
-            "ok": statuses.get("200", 0), "errors": errors, "p50_ms": latency.get(50, math.nan),
-            "p95_ms": latency.get(95, math.nan), "p99_ms": latency.get(99, math.nan)}  # fmt: skip
+    return {
+        "requests": sum(statuses.values()) + sum(v for k, v in errors.items() if not k.isdigit()),
+        "ok": statuses.get("200", 0),
+        "errors": errors,
+        "p50_ms": latency.get(50, math.nan),
+        "p95_ms": latency.get(95, math.nan),
+        "p99_ms": latency.get(99, math.nan),
+    }
 
 
 async def run_python_async(case: Case, concurrency: int, seconds: float) -> dict:
@@ -236,9 +284,15 @@ async def run_python_async(case: Case, concurrency: int, seconds: float) -> dict
         await asyncio.gather(*(worker(client, k) for k in range(concurrency)))
         elapsed = time.perf_counter() - start
     ms = [1000 * x for x in latencies]
-    return {"requests": len(latencies), "ok": statuses.get("200", 0), "seconds": elapsed,
-            "errors": {k: v for k, v in statuses.items() if k != "200"}, "p50_ms": percentile(ms, 50),
-            "p95_ms": percentile(ms, 95), "p99_ms": percentile(ms, 99)}  # fmt: skip
+    return {
+        "requests": len(latencies),
+        "ok": statuses.get("200", 0),
+        "seconds": elapsed,
+        "errors": {k: v for k, v in statuses.items() if k != "200"},
+        "p50_ms": percentile(ms, 50),
+        "p95_ms": percentile(ms, 95),
+        "p99_ms": percentile(ms, 99),
+    }
 
 
 STAGES = ("decode", "preprocess", "queue", "inference")
@@ -263,8 +317,11 @@ def settle(base: str, limit_s: float = 30.0) -> None:
     end = time.perf_counter() + limit_s
     while time.perf_counter() < end:
         text = httpx.get(f"{base}/metrics", timeout=30).text
-        busy = sum(float(line.split()[-1]) for line in text.splitlines()
-                   if line.startswith(("fpet_requests_in_flight{", "fpet_queue_images{")))  # fmt: skip
+        busy = sum(
+            float(line.split()[-1])
+            for line in text.splitlines()
+            if line.startswith(("fpet_requests_in_flight{", "fpet_queue_images{"))
+        )
         if busy == 0:
             return
         time.sleep(0.05)
@@ -290,10 +347,16 @@ def run_case(case: Case, concurrency: int, seconds: float, client: str, base: st
         if count:
             stages_ms[stage] = 1000 * (after[f"{stage}_sum"] - before.get(f"{stage}_sum", 0)) / count
     return {
-        "route": case.route, "model": case.model, "concurrency": concurrency, "client": client, **result,
-        "throughput_rps": result["requests"] / result["seconds"], "goodput_rps": result["ok"] / result["seconds"],
-        "server_cpu_ms_per_request": cpu_ms, "stages_ms": stages_ms,
-    }  # fmt: skip
+        "route": case.route,
+        "model": case.model,
+        "concurrency": concurrency,
+        "client": client,
+        **result,
+        "throughput_rps": result["requests"] / result["seconds"],
+        "goodput_rps": result["ok"] / result["seconds"],
+        "server_cpu_ms_per_request": cpu_ms,
+        "stages_ms": stages_ms,
+    }
 
 
 def bench_http(
@@ -332,22 +395,34 @@ def bench_http(
 
 def median_row(rounds: list[dict]) -> dict:
     first = rounds[0]
-    medians = {key: statistics.median(r[key] for r in rounds)
-               for key in ("p50_ms", "p95_ms", "p99_ms", "throughput_rps", "goodput_rps", "seconds")}  # fmt: skip
+    medians = {
+        key: statistics.median(r[key] for r in rounds)
+        for key in ("p50_ms", "p95_ms", "p99_ms", "throughput_rps", "goodput_rps", "seconds")
+    }
     cpu = [r["server_cpu_ms_per_request"] for r in rounds if r["server_cpu_ms_per_request"] is not None]
     errors: dict[str, int] = {}
     for r in rounds:
         for k, v in r["errors"].items():
             errors[k] = errors.get(k, 0) + v
-    stages = {stage: statistics.median(r["stages_ms"][stage] for r in rounds if stage in r["stages_ms"])
-              for stage in STAGES if any(stage in r["stages_ms"] for r in rounds)}  # fmt: skip
+    stages = {
+        stage: statistics.median(r["stages_ms"][stage] for r in rounds if stage in r["stages_ms"])
+        for stage in STAGES
+        if any(stage in r["stages_ms"] for r in rounds)
+    }
     return {
-        "route": first["route"], "model": first["model"], "concurrency": first["concurrency"],
-        "client": first["client"], "repeats": len(rounds), **medians,
-        "requests": sum(r["requests"] for r in rounds), "ok": sum(r["ok"] for r in rounds), "errors": errors,
-        "server_cpu_ms_per_request": statistics.median(cpu) if cpu else None, "stages_ms": stages,
+        "route": first["route"],
+        "model": first["model"],
+        "concurrency": first["concurrency"],
+        "client": first["client"],
+        "repeats": len(rounds),
+        **medians,
+        "requests": sum(r["requests"] for r in rounds),
+        "ok": sum(r["ok"] for r in rounds),
+        "errors": errors,
+        "server_cpu_ms_per_request": statistics.median(cpu) if cpu else None,
+        "stages_ms": stages,
         "rounds": [{k: r[k] for k in ("goodput_rps", "throughput_rps", "p50_ms")} for r in rounds],
-    }  # fmt: skip
+    }
 
 
 def markdown(rows: list[dict]) -> str:
@@ -378,15 +453,17 @@ def summary(rows: list[dict]) -> str:
     by = {(r["route"], r["concurrency"], r["model"]): r for r in rows}
     lines = []
     for model, c in sorted({(r["model"], r["concurrency"]) for r in rows}):
-        single = next((r for r in rows if (r["model"], r["concurrency"]) == (model, c) and r["route"][:5] == "task "),
-                      None)  # fmt: skip
+        single = next(
+            (r for r in rows if (r["model"], r["concurrency"]) == (model, c) and r["route"][:5] == "task "), None
+        )
         mixed = next((r for r in rows if (r["model"], r["concurrency"]) == (model, c) and "mixed" in r["route"]), None)
         if single and mixed and single["goodput_rps"]:
             pairs = zip(mixed["rounds"], single["rounds"], strict=True)
             per_round = ", ".join(f"{m['goodput_rps'] / s['goodput_rps']:.3f}" for m, s in pairs if s["goodput_rps"])
             ratio = mixed["goodput_rps"] / single["goodput_rps"]
-            lines.append(f"{model} at {c}: {mixed['route']} / {single['route']} goodput {ratio:.3f} "
-                         f"(rounds: {per_round})")  # fmt: skip
+            lines.append(
+                f"{model} at {c}: {mixed['route']} / {single['route']} goodput {ratio:.3f} (rounds: {per_round})"
+            )
     for route, c in sorted({(r["route"], r["concurrency"]) for r in rows}):
         fpet, backbone = by.get((route, c, "fpet")), by.get((route, c, "backbone"))
         if fpet and backbone and backbone["goodput_rps"]:

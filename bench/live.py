@@ -106,8 +106,12 @@ def bench_live(
             if answers is not None:
                 throughput.append(answers)
     medians = {p: statistics.median(v) for p, v in runs.items()}
-    return {"runs": runs, "median": medians, "together_over_sequential": medians["together"] / medians["sequential"],
-            "wrk_answers_per_second": {"runs": throughput, "median": statistics.median(throughput)}}  # fmt: skip
+    return {
+        "runs": runs,
+        "median": medians,
+        "together_over_sequential": medians["together"] / medians["sequential"],
+        "wrk_answers_per_second": {"runs": throughput, "median": statistics.median(throughput)},
+    }
 
 
 def main() -> None:
@@ -122,8 +126,9 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0, help="wrk duration per round")
     parser.add_argument("--out", help="write the result here as JSON")
     args = parser.parse_args()
-    result = bench_live(args.url.rstrip("/"), Path(args.image).read_bytes(), args.rounds, args.requests,
-                        args.connections, args.seconds)  # fmt: skip
+    result = bench_live(
+        args.url.rstrip("/"), Path(args.image).read_bytes(), args.rounds, args.requests, args.connections, args.seconds
+    )
     print(json.dumps(result, indent=2))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -71,8 +71,9 @@ def start(bundles: tuple[Path, ...], port: int, log: Path) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "cli.main", "serve", "--port", str(port), "--providers", "cpu", "--workers", "1"]
     cmd += [arg for bundle in bundles for arg in ("--bundle", str(bundle))]
     with open(log, "wb") as out:
-        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                cwd=Path(__file__).resolve().parents[1])  # fmt: skip
+        return subprocess.Popen(
+            cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=Path(__file__).resolve().parents[1]
+        )
 
 
 def wait_ready(process: subprocess.Popen, base: str, log: Path) -> None:
@@ -116,11 +117,15 @@ def measure_case(case: MemoryCase, image: bytes, folder: Path) -> dict:
     bundles = {b.resolve() for server in case.servers for b in server}
     disk = sum(f.stat().st_size for b in bundles for f in b.iterdir() if f.is_file())
     return {
-        "case": case.name, "servers": len(case.servers), "bundles": len(bundles),
-        "tasks": sum(len(paths) for _, _, paths in servers), "disk_mb": disk / 1e6,
-        "pss_mib": sum(m["pss"] for m in memory) / 1024, "rss_mib": sum(m["rss"] for m in memory) / 1024,
+        "case": case.name,
+        "servers": len(case.servers),
+        "bundles": len(bundles),
+        "tasks": sum(len(paths) for _, _, paths in servers),
+        "disk_mb": disk / 1e6,
+        "pss_mib": sum(m["pss"] for m in memory) / 1024,
+        "rss_mib": sum(m["rss"] for m in memory) / 1024,
         "per_server_pss_mib": [m["pss"] / 1024 for m in memory],
-    }  # fmt: skip
+    }
 
 
 def bench_memory(cases: list[MemoryCase], image: Path, folder: Path) -> list[dict]:
@@ -133,6 +138,8 @@ def bench_memory(cases: list[MemoryCase], image: Path, folder: Path) -> list[dic
 def markdown(rows: list[dict]) -> str:
     lines = ["| case | servers | tasks | bundles on disk MB | PSS MiB | RSS MiB |", "|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['case']} | {r['servers']} | {r['tasks']} | {r['disk_mb']:.1f} | {r['pss_mib']:.0f} | "
-                     f"{r['rss_mib']:.0f} |")  # fmt: skip
+        lines.append(
+            f"| {r['case']} | {r['servers']} | {r['tasks']} | {r['disk_mb']:.1f} | {r['pss_mib']:.0f} | "
+            f"{r['rss_mib']:.0f} |"
+        )
     return "\n".join(lines) + "\n"

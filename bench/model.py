@@ -214,11 +214,19 @@ def bench_model(
                 macs = model_macs(cfg, grid, steps, PetConfig("full"), 1000)
                 ms = statistics.median(values) * 1000 / batch
                 row = {
-                    "backbone": backbone, "img_size": size, "schedule": parse_schedule(spec).spec, "runtime": runtime,
-                    "batch_size": batch, "precision": precision, "device": device, "threads": threads,
-                    "ms_per_image": ms, "ms_per_image_range": [min(values) * 1000 / batch, max(values) * 1000 / batch],
-                    "images_per_s": 1000 / ms, "gmacs": macs / 1e9,
-                }  # fmt: skip
+                    "backbone": backbone,
+                    "img_size": size,
+                    "schedule": parse_schedule(spec).spec,
+                    "runtime": runtime,
+                    "batch_size": batch,
+                    "precision": precision,
+                    "device": device,
+                    "threads": threads,
+                    "ms_per_image": ms,
+                    "ms_per_image_range": [min(values) * 1000 / batch, max(values) * 1000 / batch],
+                    "images_per_s": 1000 / ms,
+                    "gmacs": macs / 1e9,
+                }
                 share = merge_share.get((spec, runtime, precision))
                 if share and spec != "none":
                     row["merge_share_of_time"] = statistics.median(share)

@@ -59,11 +59,16 @@ def setups(manifests: list[dict], runtimes: tuple[str, ...], precisions: tuple[s
         for runtime in runtimes:
             for precision in precisions:
                 if runs_here(manifest, runtime, precision):
-                    found += [Setup(i, runtime, precision, level) for level in levels] if runtime == "onnxruntime" \
-                        else [Setup(i, runtime, precision, None)]  # fmt: skip
+                    found += (
+                        [Setup(i, runtime, precision, level) for level in levels]
+                        if runtime == "onnxruntime"
+                        else [Setup(i, runtime, precision, None)]
+                    )
     if not found:
-        raise FpetError(f"none of runtimes {', '.join(runtimes)} computes these bundles in {', '.join(precisions)} "
-                        f"on this machine (CPU features: {', '.join(cpu_features()) or 'none found'})")  # fmt: skip
+        raise FpetError(
+            f"none of runtimes {', '.join(runtimes)} computes these bundles in {', '.join(precisions)} "
+            f"on this machine (CPU features: {', '.join(cpu_features()) or 'none found'})"
+        )
     return found
 
 
@@ -114,18 +119,24 @@ def bench_bundles(
         raise FpetError(f"callers must be at least 1, not {callers}")
     unknown = [r for r in runtimes if r not in RUNTIMES] + [p for p in precisions if p not in PRECISIONS]
     if unknown:
-        raise FpetError(f"unknown {', '.join(unknown)}: runtimes are {', '.join(RUNTIMES)}, precisions "
-                        f"{', '.join(PRECISIONS)}")  # fmt: skip
+        raise FpetError(
+            f"unknown {', '.join(unknown)}: runtimes are {', '.join(RUNTIMES)}, precisions {', '.join(PRECISIONS)}"
+        )
     manifests = [read_manifest(b) for b in bundles]
     models = [bundle / m["files"]["onnx"] for bundle, m in zip(bundles, manifests, strict=True)]
-    sessions = {s: session(models[s.bundle], s, threads, callers) for s in setups(manifests, runtimes, precisions,
-                                                                                    levels)}  # fmt: skip
+    sessions = {
+        s: session(models[s.bundle], s, threads, callers) for s in setups(manifests, runtimes, precisions, levels)
+    }
     for setup, sess in sessions.items():  # speed is only worth measuring for a graph that still computes the model
         check_bundle(sess, bundles[setup.bundle], manifests[setup.bundle], setup)
     samples: dict[tuple[Setup, int], list[float]] = {}
     for batch in batch_sizes:
-        inputs = [np.random.default_rng(0).random((batch, 3, m["img_size"], m["img_size"]), dtype=np.float32)
-                  .astype(np.float16 if m["precision"] == "fp16" else np.float32) for m in manifests]  # fmt: skip
+        inputs = [
+            np.random.default_rng(0)
+            .random((batch, 3, m["img_size"], m["img_size"]), dtype=np.float32)
+            .astype(np.float16 if m["precision"] == "fp16" else np.float32)
+            for m in manifests
+        ]
         feeds = [{m["input"]["name"]: x} for m, x in zip(manifests, inputs, strict=True)]
         outputs = [[m["output"]["name"]] for m in manifests]  # logits only, as the service asks
         for setup, sess in sessions.items():  # warm-up: first runs allocate and pick kernels
@@ -137,20 +148,46 @@ def bench_bundles(
     rows = []
     for (setup, batch), ms in samples.items():
         m = manifests[setup.bundle]
-        rows.append({
-            "bundle": str(bundles[setup.bundle]), "variant": m["variant"], "bundle_precision": bundle_precision(m),
-            "runtime": setup.runtime, "precision": setup.precision, "schedule": m["schedule"], "threads": threads,
-            "callers": callers, "gmacs": m["gmacs"], "optimization": setup.level or "-", "batch_size": batch,
-            "ms_per_image": statistics.median(ms), "ms_range": [min(ms), max(ms)],
-            "images_per_s": 1000 / statistics.median(ms),
-        })  # fmt: skip
+        rows.append(
+            {
+                "bundle": str(bundles[setup.bundle]),
+                "variant": m["variant"],
+                "bundle_precision": bundle_precision(m),
+                "runtime": setup.runtime,
+                "precision": setup.precision,
+                "schedule": m["schedule"],
+                "threads": threads,
+                "callers": callers,
+                "gmacs": m["gmacs"],
+                "optimization": setup.level or "-",
+                "batch_size": batch,
+                "ms_per_image": statistics.median(ms),
+                "ms_range": [min(ms), max(ms)],
+                "images_per_s": 1000 / statistics.median(ms),
+            }
+        )
     first = str(bundles[0])
     for row in rows:
         same = [r for r in rows if r["bundle"] == first and r["batch_size"] == row["batch_size"]]
-        base = next((r for r in same if (r["runtime"], r["precision"], r["optimization"])
-                     == (row["runtime"], row["precision"], row["optimization"])), None)  # fmt: skip
-        reference = next((r for r in same if r["runtime"] == "onnxruntime" and r["precision"] == "fp32"
-                          and r["optimization"] in ("ORT_ENABLE_ALL", "-")), None)  # fmt: skip
+        base = next(
+            (
+                r
+                for r in same
+                if (r["runtime"], r["precision"], r["optimization"])
+                == (row["runtime"], row["precision"], row["optimization"])
+            ),
+            None,
+        )
+        reference = next(
+            (
+                r
+                for r in same
+                if r["runtime"] == "onnxruntime"
+                and r["precision"] == "fp32"
+                and r["optimization"] in ("ORT_ENABLE_ALL", "-")
+            ),
+            None,
+        )
         row["speedup_vs_first"] = base["ms_per_image"] / row["ms_per_image"] if base else None
         row["speedup_vs_onnxruntime_fp32"] = reference["ms_per_image"] / row["ms_per_image"] if reference else None
         row["ideal_speedup_vs_first"] = manifests[0]["gmacs"] / row["gmacs"]
@@ -190,8 +227,12 @@ def bundle_predictions(
     if source is None:
         raise FpetError(f"{data} has no {split} split")
     pre = Preprocessing.from_dict(manifest["preprocessing"])
-    setup = Setup(0, runtime, precision or manifest["precision"],
-                  manifest.get("onnxruntime", {}).get("graph_optimization_level", LEVELS[-1]))  # fmt: skip
+    setup = Setup(
+        0,
+        runtime,
+        precision or manifest["precision"],
+        manifest.get("onnxruntime", {}).get("graph_optimization_level", LEVELS[-1]),
+    )
     sess = session(bundle / manifest["files"]["onnx"], setup, threads)
     dtype = np.float16 if manifest["precision"] == "fp16" else np.float32
     predicted, truth = [], []
@@ -217,8 +258,9 @@ def markdown(rows: list[dict]) -> str:
     def ratio(value: float | None) -> str:
         return "-" if value is None else f"{value:.2f}x"
 
-    for r in sorted(rows, key=lambda r: (r["batch_size"], r["runtime"], r["precision"], r["optimization"],
-                                         r["bundle"])):  # fmt: skip
+    for r in sorted(
+        rows, key=lambda r: (r["batch_size"], r["runtime"], r["precision"], r["optimization"], r["bundle"])
+    ):
         lo, hi = r["ms_range"]
         accuracy = f"{r['accuracy']['accuracy']:.2f}%" if r.get("accuracy") else "-"
         agreement = (r.get("accuracy") or {}).get("top1_agreement")

@@ -101,16 +101,26 @@ def between(pool: list[dict], timed: list[dict], budget: Budget, n: int) -> list
     if not hits or not misses or n < 1:
         return []
     seen = {r["schedule"] for r in timed}
-    band = sorted((r for r in pool if max(hits) < r["gmacs"] < min(misses) and r["schedule"] not in seen),
-                  key=lambda r: -r["gmacs"])  # fmt: skip
+    band = sorted(
+        (r for r in pool if max(hits) < r["gmacs"] < min(misses) and r["schedule"] not in seen),
+        key=lambda r: -r["gmacs"],
+    )
     step = max(1, len(band) // n)
     return [dict(r) for r in band[::step][:n]]
 
 
 def measure(
-    backbone: str, img_size: int, method: str, specs: list[str], runtime: str, batch_size: int, repeats: int,
-    min_seconds: float, threads: int, log: Callable[[str], None],
-) -> dict[str, float]:  # fmt: skip
+    backbone: str,
+    img_size: int,
+    method: str,
+    specs: list[str],
+    runtime: str,
+    batch_size: int,
+    repeats: int,
+    min_seconds: float,
+    threads: int,
+    log: Callable[[str], None],
+) -> dict[str, float]:
     """Median ms per image of each schedule (and `none`), timed side by side in the real runtime."""
     torch.set_num_threads(threads)
     cfg = get_config(backbone)
@@ -160,8 +170,18 @@ def search(
     rows = shortlist(pool, budget, candidates)
 
     def timed(batch: list[dict]) -> float:
-        times = measure(backbone, img_size, method, [r["schedule"] for r in batch], runtime, batch_size, repeats,
-                        min_seconds, threads, log)  # fmt: skip
+        times = measure(
+            backbone,
+            img_size,
+            method,
+            [r["schedule"] for r in batch],
+            runtime,
+            batch_size,
+            repeats,
+            min_seconds,
+            threads,
+            log,
+        )
         for row in batch:
             row["ms_per_image"] = times[row["schedule"]]
             row["speedup"] = times["none"] / row["ms_per_image"]  # against no merging timed in the same round
@@ -181,11 +201,17 @@ def search(
         meeting = sorted(trained, key=lambda r: (-r["accuracy"], -r["speedup"])) + meeting[len(trained) :]
     rows.sort(key=lambda r: -r["speedup"])
     return {
-        "backbone": backbone, "img_size": img_size, "method": method, "runtime": runtime, "batch_size": batch_size,
+        "backbone": backbone,
+        "img_size": img_size,
+        "method": method,
+        "runtime": runtime,
+        "batch_size": batch_size,
         "budget": {"min_speedup": budget.min_speedup, "max_gmacs": budget.max_gmacs},
-        "baseline_ms_per_image": baseline, "seconds": round(time.monotonic() - start, 1),
-        "rows": rows, "chosen": meeting[0] if meeting else None,
-    }  # fmt: skip
+        "baseline_ms_per_image": baseline,
+        "seconds": round(time.monotonic() - start, 1),
+        "rows": rows,
+        "chosen": meeting[0] if meeting else None,
+    }
 
 
 def markdown(result: dict) -> str:
@@ -233,8 +259,13 @@ def pareto_plot(result: dict, path: Path) -> None:
         ax = axes[0][1]
         for r in trained:
             ax.scatter(r["speedup"], 100 * r["accuracy"], color="tab:green", zorder=3)
-            ax.annotate(r["schedule"], (r["speedup"], 100 * r["accuracy"]), fontsize=7, xytext=(3, 3),
-                        textcoords="offset points")  # fmt: skip
+            ax.annotate(
+                r["schedule"],
+                (r["speedup"], 100 * r["accuracy"]),
+                fontsize=7,
+                xytext=(3, 3),
+                textcoords="offset points",
+            )
         ax.set(xlabel="measured speedup", ylabel="validation accuracy (%)", title="accuracy")
         ax.grid(alpha=0.3)
     fig.tight_layout()

@@ -58,11 +58,13 @@ def bench_shadow(base: str, data: str, images: int) -> dict:
     counted = {k: after[k] - before[k] for k in after}
     shadowed = counted["true"] + counted["false"]
     return {
-        "images": images, "shadowed": shadowed, "dropped": counted["dropped"],
+        "images": images,
+        "shadowed": shadowed,
+        "dropped": counted["dropped"],
         "shadow_agreement": counted["true"] / shadowed if shadowed else None,
         "direct_agreement": direct / images,
         "accuracy": {name: n / images for name, n in correct.items()},
-    }  # fmt: skip
+    }
 
 
 def main() -> None:

@@ -31,9 +31,13 @@ def measure_once(spec: dict) -> dict:
     torch.set_num_threads(spec["threads"])
     torch.manual_seed(0)
     model = create_model(
-        spec["backbone"], num_classes=10, img_size=spec["img_size"], method=spec["method"],
-        schedule=spec["schedule"], drop_path_rate=0.1,
-    ).train()  # fmt: skip
+        spec["backbone"],
+        num_classes=10,
+        img_size=spec["img_size"],
+        method=spec["method"],
+        schedule=spec["schedule"],
+        drop_path_rate=0.1,
+    ).train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     x = torch.rand(spec["batch_size"], 3, spec["img_size"], spec["img_size"])
     y = torch.randint(0, 10, (spec["batch_size"],))
@@ -64,10 +68,19 @@ def bench_train(
     log=print,
 ) -> list[dict]:
     specs = [
-        {"backbone": backbone, "img_size": img_size, "method": m, "schedule": s, "batch_size": batch_size,
-         "steps": steps, "warmup": warmup, "threads": threads}
-        for m in methods for s in schedules
-    ]  # fmt: skip
+        {
+            "backbone": backbone,
+            "img_size": img_size,
+            "method": m,
+            "schedule": s,
+            "batch_size": batch_size,
+            "steps": steps,
+            "warmup": warmup,
+            "threads": threads,
+        }
+        for m in methods
+        for s in schedules
+    ]
     samples: list[list[dict]] = [[] for _ in specs]
     for r in range(repeats):
         for i, spec in enumerate(specs):
@@ -81,13 +94,15 @@ def bench_train(
     rows = []
     for spec, runs in zip(specs, samples, strict=True):
         ips = [s["images_per_s"] for s in runs]
-        rows.append({
-            **{k: spec[k] for k in ("backbone", "img_size", "method", "schedule", "batch_size", "threads")},
-            "images_per_s": statistics.median(ips),
-            "images_per_s_range": [min(ips), max(ips)],
-            "peak_rss_mb": statistics.median(s["peak_rss_mb"] for s in runs),
-            "training_rss_mb": statistics.median(s["peak_rss_mb"] - s["rss_before_mb"] for s in runs),
-        })  # fmt: skip
+        rows.append(
+            {
+                **{k: spec[k] for k in ("backbone", "img_size", "method", "schedule", "batch_size", "threads")},
+                "images_per_s": statistics.median(ips),
+                "images_per_s_range": [min(ips), max(ips)],
+                "peak_rss_mb": statistics.median(s["peak_rss_mb"] for s in runs),
+                "training_rss_mb": statistics.median(s["peak_rss_mb"] - s["rss_before_mb"] for s in runs),
+            }
+        )
     for method in methods:
         base = next(r for r in rows if r["method"] == method and r["schedule"] == schedules[0])
         for row in rows:

@@ -112,10 +112,14 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="run folder to create")
     p.add_argument("--data-format", default=d.data_format, choices=["auto", "folder", "vtab", "fashion-mnist"])
     p.add_argument(
-        "--group", dest="label_groups", action="append", type=label_group, metavar="NAME=CLASS,CLASS",
+        "--group",
+        dest="label_groups",
+        action="append",
+        type=label_group,
+        metavar="NAME=CLASS,CLASS",
         help="train on a new label set: a class NAME made of the data's classes (repeat; unlisted classes are left "
         "out), e.g. --group footwear=Sandal,Sneaker,'Ankle boot' --group bags=Bag",
-    )  # fmt: skip
+    )
     p.add_argument(
         "--weights",
         default=d.weights,
@@ -142,9 +146,12 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
         "--batch-size", type=int, default=d.batch_size, help="global batch (split across torchrun processes)"
     )
     p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--head-init", default=d.head_init, choices=["random", "probe"],
-                   help="probe: fit the head on the frozen features first (LP-FT), so short runs start from a "
-                   "working classifier")  # fmt: skip
+    p.add_argument(
+        "--head-init",
+        default=d.head_init,
+        choices=["random", "probe"],
+        help="probe: fit the head on the frozen features first (LP-FT), so short runs start from a working classifier",
+    )
     p.add_argument(
         "--init-from",
         metavar="RUN",
@@ -166,8 +173,12 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
         help="weight of the KL term between the teacher's and the model's softened predictions, added "
         "to the cross-entropy (0: plain cross-entropy)",
     )
-    p.add_argument("--distill-temperature", type=float, default=d.distill_temperature,
-                   help="softmax temperature of both sides of the KL term")  # fmt: skip
+    p.add_argument(
+        "--distill-temperature",
+        type=float,
+        default=d.distill_temperature,
+        help="softmax temperature of both sides of the KL term",
+    )
     p.add_argument("--warmup-lr", type=float, default=d.warmup_lr)
     p.add_argument("--min-lr", type=float, default=d.min_lr)
     p.add_argument("--weight-decay", type=float, default=d.weight_decay)
@@ -208,15 +219,24 @@ def cmd_export(args: argparse.Namespace) -> None:
             raise FpetError("--tasks takes run folders (NAME=RUN to name a task) and --out; its bundle is ONNX")
         from export.multitask import export_multitask, parse_tasks
 
-        manifest = export_multitask(parse_tasks(args.tasks), args.out, variant=args.variant, opset=args.opset,
-                                    precision=args.precision, quantization=args.quantization, log=log)  # fmt: skip
+        manifest = export_multitask(
+            parse_tasks(args.tasks),
+            args.out,
+            variant=args.variant,
+            opset=args.opset,
+            precision=args.precision,
+            quantization=args.quantization,
+            log=log,
+        )
         for name, result in manifest["verification"]["tasks"].items():
             mixed = manifest["verification"]["mixed_batch"]["tasks"][name]
             log(f"{name}: max abs error {result['max_abs_error']:.2e} alone, {mixed['max_abs_error']:.2e} mixed")
             if result.get("heldout"):
                 h = result["heldout"]
-                log(f"{name}: held-out accuracy {h['accuracy']}% (fp32 model {h['reference_accuracy']}%), top-1 "
-                    f"agreement {h['top1_agreement']:.3f} on {h['images']} images, in mixed batches")  # fmt: skip
+                log(
+                    f"{name}: held-out accuracy {h['accuracy']}% (fp32 model {h['reference_accuracy']}%), top-1 "
+                    f"agreement {h['top1_agreement']:.3f} on {h['images']} images, in mixed batches"
+                )
         print(args.out)
         return
     if not args.run or not args.out:
@@ -229,19 +249,28 @@ def cmd_export(args: argparse.Namespace) -> None:
         from export.triton import TritonOptions, export_triton_repository
 
         options = TritonOptions(
-            task=args.task, max_batch_size=args.max_batch_size, queue_delay_us=args.queue_delay_us,
-            instance_kind=args.instance_kind, instances=args.instances, tensorrt=args.tensorrt,
-            precision=args.precision, opset=args.opset, quantization=args.quantization,
-        )  # fmt: skip
+            task=args.task,
+            max_batch_size=args.max_batch_size,
+            queue_delay_us=args.queue_delay_us,
+            instance_kind=args.instance_kind,
+            instances=args.instances,
+            tensorrt=args.tensorrt,
+            precision=args.precision,
+            opset=args.opset,
+            quantization=args.quantization,
+        )
         for model in export_triton_repository(args.run, args.out, options, log=log):
             print(model)
         return
     from export.exporter import ExportOptions, export_bundle
 
     options = ExportOptions(
-        variant=args.variant, formats=formats, precision=args.precision, opset=args.opset,
+        variant=args.variant,
+        formats=formats,
+        precision=args.precision,
+        opset=args.opset,
         quantization=args.quantization,
-    )  # fmt: skip
+    )
     manifest = export_bundle(args.run, args.out, options, log=log)
     for fmt, result in manifest["verification"]["formats"].items():
         log(f"{fmt}: max abs error {result['max_abs_error']:.2e}, top-1 agreement {result['top1_agreement']:.3f}")
@@ -257,10 +286,12 @@ def add_export_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("run", nargs="?", help="run folder written by fpet train")
     p.add_argument("--out", help="bundle folder to write (replaced only after verification passes)")
     p.add_argument(
-        "--tasks", nargs="+", metavar="[NAME=]RUN",
+        "--tasks",
+        nargs="+",
+        metavar="[NAME=]RUN",
         help="a multi-task bundle: one graph for these runs of one backbone, image size and schedule, adapters "
         "chosen per image (task names default to the run folders' names)",
-    )  # fmt: skip
+    )
     p.add_argument(
         "--variant", default="fpet", choices=["fpet", "backbone"], help="with merging, or the same model without"
     )
@@ -276,10 +307,12 @@ def add_export_parser(sub: argparse._SubParsersAction) -> None:
         "linear layers, for CPUs; verified on held-out images of the run's data when it is here)",
     )
     p.add_argument(
-        "--quantization", default="dynamic", choices=["dynamic", "static"],
+        "--quantization",
+        default="dynamic",
+        choices=["dynamic", "static"],
         help="with --precision int8: dynamic (activations quantized per call; onnxruntime's CPU provider), or static "
         "(symmetric QDQ calibrated on 128 of the run's training images; OpenVINO on AMX-INT8/VNNI, TensorRT)",
-    )  # fmt: skip
+    )
     p.add_argument("--opset", type=int, default=17, help="ONNX opset, 14..20")
     p.add_argument("--default", action="store_true", help="build both bundles of the default model into the cache")
     p.add_argument("--force", action="store_true", help="with --default: rebuild even when up to date")
@@ -297,10 +330,17 @@ def cmd_bench_train(args: argparse.Namespace) -> None:
     from bench.train import bench_train, markdown
 
     rows = bench_train(
-        args.backbone, args.img_size, args.methods.split(","), args.schedules.split(","), batch_size=args.batch_size,
-        steps=args.steps, warmup=args.warmup, repeats=args.repeats, threads=args.threads,
+        args.backbone,
+        args.img_size,
+        args.methods.split(","),
+        args.schedules.split(","),
+        batch_size=args.batch_size,
+        steps=args.steps,
+        warmup=args.warmup,
+        repeats=args.repeats,
+        threads=args.threads,
         log=lambda message: print(message, file=sys.stderr),
-    )  # fmt: skip
+    )
     write_results(args.out, "train_results", rows, markdown(rows))
     print("(random weights: speed and memory do not depend on them)")
 
@@ -319,15 +359,24 @@ def cmd_bench_model(args: argparse.Namespace) -> None:
     from bench.model import bench_model, markdown, plot
 
     rows = bench_model(
-        args.backbone, args.img_size, args.schedules.split(","), args.runtimes.split(","),
-        [int(b) for b in args.batch_sizes.split(",")], threads=args.threads, device=args.device,
-        precisions=args.precisions.split(","), repeats=args.repeats, min_seconds=args.min_seconds,
+        args.backbone,
+        args.img_size,
+        args.schedules.split(","),
+        args.runtimes.split(","),
+        [int(b) for b in args.batch_sizes.split(",")],
+        threads=args.threads,
+        device=args.device,
+        precisions=args.precisions.split(","),
+        repeats=args.repeats,
+        min_seconds=args.min_seconds,
         log=lambda message: print(message, file=sys.stderr),
-    )  # fmt: skip
+    )
     write_results(args.out, "results", rows, markdown(rows))
     plots = plot(rows, Path(args.out))
-    print(f"random weights (speed does not depend on them); wrote {Path(args.out) / 'results.json'}, results.md, "
-          f"{', '.join(p.name for p in plots)}")  # fmt: skip
+    print(
+        f"random weights (speed does not depend on them); wrote {Path(args.out) / 'results.json'}, results.md, "
+        f"{', '.join(p.name for p in plots)}"
+    )
 
 
 def cmd_bench_onnx(args: argparse.Namespace) -> None:
@@ -340,10 +389,15 @@ def cmd_bench_onnx(args: argparse.Namespace) -> None:
 
         bundles = [default_bundle_dir("backbone"), default_bundle_dir("fpet")]
     rows = bench_bundles(
-        bundles, [int(b) for b in args.batch_sizes.split(",")], tuple(args.optimization.split(",")),
-        repeats=args.repeats, threads=args.threads, callers=args.callers, runtimes=tuple(args.runtimes.split(",")),
+        bundles,
+        [int(b) for b in args.batch_sizes.split(",")],
+        tuple(args.optimization.split(",")),
+        repeats=args.repeats,
+        threads=args.threads,
+        callers=args.callers,
+        runtimes=tuple(args.runtimes.split(",")),
         precisions=tuple(args.precisions.split(",")),
-    )  # fmt: skip
+    )
     if args.data:
         add_accuracy(rows, Path(args.data), args.threads)
     write_results(args.out, "onnx_results", rows, markdown(rows))
@@ -366,11 +420,15 @@ def add_accuracy(rows: list[dict], data: Path, threads: int) -> None:
             predicted = reference
             if row["runtime"] != "onnxruntime":
                 print(f"predictions of {bundle} ({row['runtime']} {row['precision']}) ...", file=sys.stderr)
-                predicted, _ = bundle_predictions(Path(bundle), data, threads=threads, runtime=row["runtime"],
-                                                  precision=row["precision"])  # fmt: skip
-            found[key] = {"split": "test", "images": len(truth),
-                          "accuracy": 100 * int((predicted == truth).sum()) / len(truth),
-                          "top1_agreement": 100 * int((predicted == reference).sum()) / len(truth)}  # fmt: skip
+                predicted, _ = bundle_predictions(
+                    Path(bundle), data, threads=threads, runtime=row["runtime"], precision=row["precision"]
+                )
+            found[key] = {
+                "split": "test",
+                "images": len(truth),
+                "accuracy": 100 * int((predicted == truth).sum()) / len(truth),
+                "top1_agreement": 100 * int((predicted == reference).sum()) / len(truth),
+            }
         row["accuracy"] = found[key]
 
 
@@ -432,30 +490,53 @@ def cmd_schedule_search(args: argparse.Namespace) -> None:
 
         def train(spec: str) -> float:
             """A short run with the quick-training settings (README): a probe head and lr 2e-3."""
-            settings = {**base, "data": data, "out": str(out / spec.replace(":", "_").replace("+", "-")),
-                        "schedule": spec, "method": method, "img_size": img_size, "epochs": args.epochs,
-                        "warmup_epochs": min(base.get("warmup_epochs", 1), max(args.epochs // 5, 1)),
-                        "eval_every": args.epochs, "test": False, "resume": False,
-                        "head_init": "probe", "lr": 2e-3}  # fmt: skip
+            settings = {
+                **base,
+                "data": data,
+                "out": str(out / spec.replace(":", "_").replace("+", "-")),
+                "schedule": spec,
+                "method": method,
+                "img_size": img_size,
+                "epochs": args.epochs,
+                "warmup_epochs": min(base.get("warmup_epochs", 1), max(args.epochs // 5, 1)),
+                "eval_every": args.epochs,
+                "test": False,
+                "resume": False,
+                "head_init": "probe",
+                "lr": 2e-3,
+            }
             if not args.run:
-                settings.update(weights=args.weights, backbone=backbone, train_size=args.train_size,
-                                val_size=args.val_size)  # fmt: skip
+                settings.update(
+                    weights=args.weights, backbone=backbone, train_size=args.train_size, val_size=args.val_size
+                )
             if not settings.get("val_size"):
                 raise FpetError("choosing by accuracy needs validation images: give --val-size above 0")
             return train_run(TrainConfig(**settings), log=lambda _: None)["val"]["last"]
 
     result = search(
-        backbone, img_size, budget, method=method, num_classes=classes, runtime=args.runtime,
-        batch_size=args.batch_size, candidates=args.candidates, repeats=args.repeats, threads=args.threads,
-        train=train, train_top=args.train_top, log=lambda m: print(m, file=sys.stderr),
-    )  # fmt: skip
+        backbone,
+        img_size,
+        budget,
+        method=method,
+        num_classes=classes,
+        runtime=args.runtime,
+        batch_size=args.batch_size,
+        candidates=args.candidates,
+        repeats=args.repeats,
+        threads=args.threads,
+        train=train,
+        train_top=args.train_top,
+        log=lambda m: print(m, file=sys.stderr),
+    )
     for path in write_results(result, Path(args.out)):
         print(path)
     chosen = result["chosen"]
     if chosen is None:
         raise FpetError(f"no timed schedule met the budget; see {Path(args.out) / 'schedules.md'}")
-    print(f"chosen: {chosen['schedule']} ({chosen['speedup']:.2f}x measured, {chosen['gmacs']:.3f} GMACs)",
-          file=sys.stderr)  # fmt: skip
+    print(
+        f"chosen: {chosen['schedule']} ({chosen['speedup']:.2f}x measured, {chosen['gmacs']:.3f} GMACs)",
+        file=sys.stderr,
+    )
 
 
 def add_schedule_parser(sub: argparse._SubParsersAction) -> None:
@@ -472,9 +553,11 @@ def add_schedule_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--method", default="adaptformer", help="PET method of the models timed")
     p.add_argument("--run", help="take backbone, size, method, classes (and training settings) from a run")
     p.add_argument(
-        "--runtime", default="onnx", choices=["onnx", "torch", "openvino"],
+        "--runtime",
+        default="onnx",
+        choices=["onnx", "torch", "openvino"],
         help="where candidates are timed; openvino: at the precision fpet serve uses on this CPU",
-    )  # fmt: skip
+    )
     p.add_argument("--batch-size", type=int, default=8)
     budget = p.add_mutually_exclusive_group(required=True)
     budget.add_argument("--min-speedup", type=float, help="the least merging whose measured speedup is at least X")
@@ -512,10 +595,14 @@ def cmd_compare(args: argparse.Namespace) -> None:
 
     pairs = [(correct(a), correct(b)) for a, b in zip(args.a, args.b, strict=True)]
     result = {
-        "a": args.a, "b": args.b, "split": args.split,
-        "accuracy_a": [sum(a) / len(a) for a, _ in pairs], "accuracy_b": [sum(b) / len(b) for _, b in pairs],
-        "mcnemar": [mcnemar(a, b) for a, b in pairs], "bootstrap": paired_bootstrap(pairs),
-    }  # fmt: skip
+        "a": args.a,
+        "b": args.b,
+        "split": args.split,
+        "accuracy_a": [sum(a) / len(a) for a, _ in pairs],
+        "accuracy_b": [sum(b) / len(b) for _, b in pairs],
+        "mcnemar": [mcnemar(a, b) for a, b in pairs],
+        "bootstrap": paired_bootstrap(pairs),
+    }
     if args.out:
         from fpet.atomic import write_json_atomic
 
@@ -573,13 +660,15 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--default-model", help="variant /classify uses without ?model= (default fpet)")
     p.add_argument("--workers", type=int, help="uvicorn workers (default 1; metrics switch to multiprocess mode)")
     p.add_argument(
-        "--runtime", choices=["auto", "onnxruntime", "openvino"],
+        "--runtime",
+        choices=["auto", "onnxruntime", "openvino"],
         help="default auto: OpenVINO on CPUs with a bf16 matrix engine (AMX, AVX512-BF16), onnxruntime elsewhere",
-    )  # fmt: skip
+    )
     p.add_argument(
-        "--precision", choices=["auto", "fp32", "bf16", "fp16"],
+        "--precision",
+        choices=["auto", "fp32", "bf16", "fp16"],
         help="compute precision (default auto: bf16 with OpenVINO, the bundle's own with onnxruntime)",
-    )  # fmt: skip
+    )
     p.add_argument("--providers", choices=["auto", "cpu", "cuda"], help="default auto: CUDA when onnxruntime has it")
     p.add_argument("--threads", type=int, help="threads per instance (default: cores/instances)")
     p.add_argument("--instances", type=int, help="batches per model run side by side (default 1)")
@@ -593,9 +682,10 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-images", type=int, help="default 16")
     p.add_argument("--api-key", help="require this key on the classify endpoints (FPET_API_KEY)")
     p.add_argument(
-        "--model-control-mode", choices=["none", "explicit"],
+        "--model-control-mode",
+        choices=["none", "explicit"],
         help="explicit: load and unload models at run time via /v2/repository (needs FPET_ADMIN_KEY); default none",
-    )  # fmt: skip
+    )
     p.add_argument("--shadow-rate", type=float, help="share of fpet's requests also run on the backbone (default 0)")
     p.add_argument("--log-format", choices=["text", "json"], help="default text (FPET_LOG_FORMAT)")
     p.add_argument("--otlp-endpoint", help="send request traces here over OTLP/HTTP (FPET_OTLP_ENDPOINT; default off)")
@@ -611,9 +701,17 @@ def cmd_bench_http(args: argparse.Namespace) -> None:
 
         raise FpetError("no images: give --image FILE (samples/*.png is the default, run from the repository)")
     tasks = args.tasks.split(",") if args.tasks else None
-    rows = bench_http(args.url.rstrip("/"), images, [int(c) for c in args.concurrency.split(",")], args.duration,
-                      args.models.split(","), tuple(args.routes.split(",")), args.client, args.repeats,
-                      tasks)  # fmt: skip
+    rows = bench_http(
+        args.url.rstrip("/"),
+        images,
+        [int(c) for c in args.concurrency.split(",")],
+        args.duration,
+        args.models.split(","),
+        tuple(args.routes.split(",")),
+        args.client,
+        args.repeats,
+        tasks,
+    )
     write_results(args.out, "http_results", rows, markdown(rows))
     print(summary(rows), end="")
 
@@ -634,13 +732,17 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
         dest="bench_command", required=True, metavar="WHAT"
     )
     p = bench.add_parser(
-        "model", help="ms per image per schedule, runtime and batch size, with ideal speedups from GMACs",
+        "model",
+        help="ms per image per schedule, runtime and batch size, with ideal speedups from GMACs",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )  # fmt: skip
+    )
     p.add_argument("--backbone", default="vit_small_patch16_224")
     p.add_argument("--img-size", type=int, default=None, help="default: the backbone's")
-    p.add_argument("--schedules", default="none,6:0.5,tome:13,3:0.5+6:0.5+9:0.5",
-                   help="comma-separated; + joins the points of one schedule")  # fmt: skip
+    p.add_argument(
+        "--schedules",
+        default="none,6:0.5,tome:13,3:0.5+6:0.5+9:0.5",
+        help="comma-separated; + joins the points of one schedule",
+    )
     p.add_argument(
         "--runtimes",
         default="torch,onnxruntime,torchscript",
@@ -650,18 +752,24 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-sizes", default="1,8")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--precisions", "--precision", dest="precisions", default="fp32",
-                   help="comma-separated: fp32, fp16, bf16, int8 (onnxruntime-quantized graphs, onnxruntime only); "
-                   "each runtime runs those it can here")  # fmt: skip
+    p.add_argument(
+        "--precisions",
+        "--precision",
+        dest="precisions",
+        default="fp32",
+        help="comma-separated: fp32, fp16, bf16, int8 (onnxruntime-quantized graphs, onnxruntime only); "
+        "each runtime runs those it can here",
+    )
     p.add_argument("--repeats", type=int, default=3, help="interleaved repeats")
     p.add_argument("--min-seconds", type=float, default=0.5, help="shortest sample")
     p.add_argument("--out", default="bench-results/model")
     p.set_defaults(func=cmd_bench_model)
 
     p = bench.add_parser(
-        "train", help="training img/s and peak memory per method and schedule, side by side",
+        "train",
+        help="training img/s and peak memory per method and schedule, side by side",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )  # fmt: skip
+    )
     p.add_argument("--backbone", default="vit_small_patch14_dinov2")
     p.add_argument("--img-size", type=int, default=112)
     p.add_argument("--methods", default="adaptformer", help="comma-separated methods")
@@ -675,18 +783,19 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_bench_train)
 
     p = bench.add_parser(
-        "onnx", help="ms per image of bundles side by side, per runtime and precision (default: the default backbone "
-        "and fpet)",
+        "onnx",
+        help="ms per image of bundles side by side, per runtime and precision (default: the default backbone and fpet)",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )  # fmt: skip
+    )
     p.add_argument("--bundle", action="append", help="bundle folder (repeat); the first is the baseline")
     p.add_argument("--batch-sizes", default="1,8")
     p.add_argument("--runtimes", default="onnxruntime", help="comma-separated: onnxruntime, openvino")
     p.add_argument(
-        "--precisions", default="fp32,fp16,int8",
+        "--precisions",
+        default="fp32,fp16,int8",
         help="comma-separated compute precisions: fp32, bf16, fp16 (OpenVINO computes an fp32 bundle in any it has), "
         "int8 (int8 bundles); what a runtime cannot compute here is left out",
-    )  # fmt: skip
+    )
     p.add_argument("--optimization", default="ORT_ENABLE_ALL", help="onnxruntime graph optimisation levels")
     p.add_argument("--repeats", type=int, default=5, help="interleaved repeats of at least 0.5 s each")
     p.add_argument("--threads", type=int, default=2, help="threads per caller (0: the runtime's choice)")
@@ -698,16 +807,18 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
         "to the service's per-instance threads); ms/image is then wall time over all callers' images",
     )
     p.add_argument(
-        "--data", help="also measure each setup's accuracy on every image of this data's test split, and its top-1 "
+        "--data",
+        help="also measure each setup's accuracy on every image of this data's test split, and its top-1 "
         "agreement with the bundle in onnxruntime at its own precision",
-    )  # fmt: skip
+    )
     p.add_argument("--out", default="bench-results")
     p.set_defaults(func=cmd_bench_onnx)
 
     p = bench.add_parser(
-        "http", help="load a running service from wrk or hey: latency, throughput, errors and server CPU per request",
+        "http",
+        help="load a running service from wrk or hey: latency, throughput, errors and server CPU per request",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )  # fmt: skip
+    )
     p.add_argument("--url", default="http://127.0.0.1:8000")
     p.add_argument("--models", default="backbone,fpet")
     p.add_argument("--concurrency", default="1,4,16", help="closed-loop connections, comma-separated")
@@ -733,13 +844,16 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_bench_http)
 
     p = bench.add_parser(
-        "memory", help="memory (PSS, RSS) and disk of real servers: e.g. one multi-task bundle vs a server per task",
+        "memory",
+        help="memory (PSS, RSS) and disk of real servers: e.g. one multi-task bundle vs a server per task",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )  # fmt: skip
+    )
     p.add_argument(
-        "--case", action="append", required=True,
+        "--case",
+        action="append",
+        required=True,
         help="NAME=BUNDLE[,BUNDLE...][;BUNDLE...]: servers split by ';', a server's bundles by ','",
-    )  # fmt: skip
+    )
     p.add_argument("--image", default="samples/sneaker.png", help="PNG sent once per task before measuring")
     p.add_argument("--out", default="bench-results")
     p.set_defaults(func=cmd_bench_memory)

@@ -39,8 +39,10 @@ def from_bundle(path: Path) -> Explainer:
     if not check["passed"]:
         raise FpetError(f"{path}: {selfcheck.summary(check)}")
     if runner.single is None:
-        raise FpetError(f"{path} is a multi-task bundle: visualize one of its tasks' runs, or serve it and POST "
-                        "/models/fpet/explain?task=TASK")  # fmt: skip
+        raise FpetError(
+            f"{path} is a multi-task bundle: visualize one of its tasks' runs, or serve it and POST "
+            "/models/fpet/explain?task=TASK"
+        )
     maps = runner.merge_maps
     grid = tuple(maps["grid"]) if maps else None
     pre = {"img_size": runner.img_size, "mean": runner.mean, "std": runner.std}
@@ -109,8 +111,11 @@ def visualize(source: str | None, images: list[str], out: str, backbone: str | N
         captions = [top1(main, logits[0])]
         if other is not None:
             captions.append(top1(other, other.predict(x)[0][0]))
-        captions.append(", ".join(f"block {p['block']}: {p['tokens_before'] - 1} -> {p['tokens_after'] - 1} tokens"
-                                  for p in main.points))  # fmt: skip
+        captions.append(
+            ", ".join(
+                f"block {p['block']}: {p['tokens_before'] - 1} -> {p['tokens_after'] - 1} tokens" for p in main.points
+            )
+        )
         hwc = pixels.transpose(1, 2, 0)
         stem = Path(out) / stem_name
         for row, point in zip(maps[0], main.points, strict=True):

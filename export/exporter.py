@@ -116,10 +116,15 @@ def export_onnx(
         # the wrapper takes the model's mode: the exporter restores the wrapper's afterwards, recursively
         exported = WithMergeMaps(model).train(model.training) if maps else model
         torch.onnx.export(
-            exported, example, str(path), dynamo=False, opset_version=opset, input_names=list(input_names),
+            exported,
+            example,
+            str(path),
+            dynamo=False,
+            opset_version=opset,
+            input_names=list(input_names),
             output_names=outputs,
             dynamic_axes={name: {0: "batch"} for name in [*input_names, *outputs]},
-        )  # fmt: skip
+        )
     onnx.checker.check_model(str(path), full_check=True)
 
 
@@ -289,8 +294,10 @@ def export_bundle(
         write_json_atomic(tmp / LABELS, config["labels"])
         write_json_atomic(tmp / MANIFEST, manifest)
         if failed:
-            raise FpetError(f"verification failed for {', '.join(failed)}: {failure_reason(verification, failed)}; "
-                            "the bundle was not written")  # fmt: skip
+            raise FpetError(
+                f"verification failed for {', '.join(failed)}: {failure_reason(verification, failed)}; "
+                "the bundle was not written"
+            )
         replace_dir(tmp, out)
     return manifest
 
@@ -314,15 +321,19 @@ def failure_reason(verification: dict, failed: list[str]) -> str:
         heldout = result.get("heldout")
         if heldout is not None and not heldout["passed"]:
             h = heldout
-            parts.append(f"{fmt}: on {h['images']} held-out images top-1 agreement {h['top1_agreement']:.3f} (limit "
-                         f"{h['min_top1_agreement']}), accuracy {h['accuracy']}% against {h['reference_accuracy']}% "
-                         f"(limit: {h['max_drop_points']} points lower)")  # fmt: skip
+            parts.append(
+                f"{fmt}: on {h['images']} held-out images top-1 agreement {h['top1_agreement']:.3f} (limit "
+                f"{h['min_top1_agreement']}), accuracy {h['accuracy']}% against {h['reference_accuracy']}% "
+                f"(limit: {h['max_drop_points']} points lower)"
+            )
         elif result.get("selfcheck") is not None and not result["selfcheck"]["passed"]:
             parts.append(f"{fmt}: {selfcheck.summary(result['selfcheck'])}")
         else:
             limits = result.get("batch_sizes", {}).get("1", {}).get("thresholds")
-            parts.append(f"{fmt}: max abs error {result['max_abs_error']:.4g}, top-1 agreement "
-                         f"{result['top1_agreement']:.3f} (limits {limits})")  # fmt: skip
+            parts.append(
+                f"{fmt}: max abs error {result['max_abs_error']:.4g}, top-1 agreement "
+                f"{result['top1_agreement']:.3f} (limits {limits})"
+            )
     return "; ".join(parts)
 
 
@@ -333,17 +344,29 @@ def check_at_export(run: Callable, folder: Path, manifest: dict) -> dict:
     return selfcheck.check(run, folder, manifest, manifest["precision"], facts=facts)
 
 
-def write_selfcheck(folder: Path, inputs: np.ndarray, logits: np.ndarray, run: Callable, tasks: np.ndarray | None,
-                    described: str, classes: np.ndarray | None = None) -> dict:  # fmt: skip
+def write_selfcheck(
+    folder: Path,
+    inputs: np.ndarray,
+    logits: np.ndarray,
+    run: Callable,
+    tasks: np.ndarray | None,
+    described: str,
+    classes: np.ndarray | None = None,
+) -> dict:
     """selfcheck.npz (the reference model's logits, and the exported graph's here through `run`) and its manifest
     entry: what it holds and the tolerance for each compute precision."""
-    exported = np.concatenate([run(inputs[i : i + 8], None if tasks is None else tasks[i : i + 8])
-                               for i in range(0, len(inputs), 8)])  # fmt: skip
+    exported = np.concatenate(
+        [run(inputs[i : i + 8], None if tasks is None else tasks[i : i + 8]) for i in range(0, len(inputs), 8)]
+    )
     selfcheck.write(folder, inputs, logits, exported, tasks, classes)
-    return {"file": selfcheck.FILE, "images": len(inputs), "inputs": described,
-            "compared_with": "the exported graph's logits on the exporting machine, for a runtime computing the "
-            "bundle's own precision; the reference model's (PyTorch fp32, training form, eval mode) for another",
-            "tolerances": selfcheck.TOLERANCES}  # fmt: skip
+    return {
+        "file": selfcheck.FILE,
+        "images": len(inputs),
+        "inputs": described,
+        "compared_with": "the exported graph's logits on the exporting machine, for a runtime computing the "
+        "bundle's own precision; the reference model's (PyTorch fp32, training form, eval mode) for another",
+        "tolerances": selfcheck.TOLERANCES,
+    }
 
 
 def merge_maps_info(model: VisionTransformer) -> dict:

@@ -71,8 +71,10 @@ def parse_tasks(items: list[str]) -> list[tuple[str, Path]]:
         if not sep:
             name, run = Path(item).resolve().name, item
         if not TASK_NAME.fullmatch(name):
-            raise FpetError(f"task name {name!r}: use letters, digits, '_', '.', '-' (at most 64), starting with a "
-                            "letter or digit; name it with NAME=RUN")  # fmt: skip
+            raise FpetError(
+                f"task name {name!r}: use letters, digits, '_', '.', '-' (at most 64), starting with a "
+                "letter or digit; name it with NAME=RUN"
+            )
         if name in VARIANTS:
             raise FpetError(f"task name {name!r} is a variant's name; name the task with NAME=RUN")
         tasks.append((name, Path(run)))
@@ -112,8 +114,9 @@ def run_graph(session, inputs: np.ndarray, tasks: np.ndarray, batch: int, output
     return [np.concatenate([p[k] for p in parts]) for k in range(len(outputs))]
 
 
-def verify_tasks(session, inputs: np.ndarray, references: dict[str, tuple[np.ndarray, np.ndarray]],
-                 precision: str = "fp32") -> dict:  # fmt: skip
+def verify_tasks(
+    session, inputs: np.ndarray, references: dict[str, tuple[np.ndarray, np.ndarray]], precision: str = "fp32"
+) -> dict:
     """Each task alone at every batch size, then one mixed batch (image i takes task i mod T), against each run's
     PyTorch logits (its own classes only) and, where the graph merges, its merge maps as groupings of patches (which
     must be identical in fp32 only: lower precisions may pick another partner for a near-tie)."""
@@ -150,8 +153,10 @@ def task_calibration(configs: dict) -> tuple[np.ndarray, np.ndarray]:
     for t, config in enumerate(configs.values()):
         found = calibration_inputs(config, per_task)
         if found is None:
-            raise FpetError("static int8 calibrates on each task's training images: a task's data is not on this "
-                            "machine (use --quantization dynamic)")  # fmt: skip
+            raise FpetError(
+                "static int8 calibrates on each task's training images: a task's data is not on this "
+                "machine (use --quantization dynamic)"
+            )
         images.append(found)
         tasks.append(np.full(len(found), t, dtype=np.int64))
     order = round_robin(tasks)
@@ -191,8 +196,9 @@ def heldout_mixed(session, references: dict, configs: dict, dtype: type) -> dict
     return results
 
 
-def task_selfcheck(folder: Path, references: dict, configs: dict, fallback: torch.Tensor, width: int,
-                   run: Callable) -> dict:  # fmt: skip
+def task_selfcheck(
+    folder: Path, references: dict, configs: dict, fallback: torch.Tensor, width: int, run: Callable
+) -> dict:
     """selfcheck.npz for several tasks: a share of the images for each, with its own run's test images and logits
     (padded to the graph's width), each image tagged with its task and its number of classes."""
     per_task = max(4, selfcheck.IMAGES // len(references))
@@ -206,8 +212,15 @@ def task_selfcheck(folder: Path, references: dict, configs: dict, fallback: torc
         tasks.append(np.full(len(x), t))
         classes.append(np.full(len(x), y.shape[1]))
         described.append(f"{name}: {source}")
-    return write_selfcheck(folder, np.concatenate(inputs), np.concatenate(logits), run, np.concatenate(tasks),
-                           "; ".join(described), np.concatenate(classes))  # fmt: skip
+    return write_selfcheck(
+        folder,
+        np.concatenate(inputs),
+        np.concatenate(logits),
+        run,
+        np.concatenate(tasks),
+        "; ".join(described),
+        np.concatenate(classes),
+    )
 
 
 def export_multitask(
@@ -284,13 +297,21 @@ def export_multitask(
             "variant": variant,
             **graph_manifest(first, stacked, precision, opset, {"onnx": FORMATS["onnx"]}),
             "task_input": {"name": TASK_INPUT, "shape": ["batch"], "dtype": "int64"},
-            "output": {"name": OUTPUT_NAME, "shape": ["batch", stacked.num_classes],
-                       "note": "a task's logits are the first num_classes columns; the rest are padding"},
+            "output": {
+                "name": OUTPUT_NAME,
+                "shape": ["batch", stacked.num_classes],
+                "note": "a task's logits are the first num_classes columns; the rest are padding",
+            },
             "num_classes": stacked.num_classes,
             "tasks": [
-                {"name": name, "index": t, "num_classes": len(configs[name]["labels"]),
-                 "label_groups": label_groups(configs[name]), "source_run": sources[name],
-                 "adapter_bytes": (run / ADAPTERS).stat().st_size}
+                {
+                    "name": name,
+                    "index": t,
+                    "num_classes": len(configs[name]["labels"]),
+                    "label_groups": label_groups(configs[name]),
+                    "source_run": sources[name],
+                    "adapter_bytes": (run / ADAPTERS).stat().st_size,
+                }
                 for t, (name, run) in enumerate(tasks)
             ],
             "files": {"onnx": FORMATS["onnx"], "labels": LABELS},
@@ -301,7 +322,7 @@ def export_multitask(
                 "checked_on": "CPUExecutionProvider",
             },
             "export_seconds": {"onnx": seconds},
-        }  # fmt: skip
+        }
         if quantized is not None:
             manifest["quantization"] = quantized
         run_here = lambda x, t: session.run([OUTPUT_NAME], {INPUT_NAME: x.astype(np_dtype), TASK_INPUT: t})[0]  # noqa: E731
@@ -313,8 +334,11 @@ def export_multitask(
         write_json_atomic(tmp / LABELS, {name: configs[name]["labels"] for name, _ in tasks})
         write_json_atomic(tmp / MANIFEST, manifest)
         if not verification["passed"]:
-            failed = [f"{n} ({failure_reason({'onnx': r}, ['onnx']).removeprefix('onnx: ')})"
-                      for n, r in verification["tasks"].items() if not r["passed"]]  # fmt: skip
+            failed = [
+                f"{n} ({failure_reason({'onnx': r}, ['onnx']).removeprefix('onnx: ')})"
+                for n, r in verification["tasks"].items()
+                if not r["passed"]
+            ]
             failed += [f"{n} (mixed batch)" for n, r in verification["mixed_batch"]["tasks"].items() if not r["passed"]]
             raise FpetError(f"verification failed for {', '.join(failed)}; the bundle was not written")
         replace_dir(tmp, out)

@@ -73,18 +73,25 @@ def quantize_int8(
         quant_pre_process(str(src), str(prepared), skip_symbolic_shape=True)
         nodes = quantizable_matmuls(onnx.load(str(prepared)))
         common = dict(
-            op_types_to_quantize=["MatMul"], nodes_to_quantize=nodes, per_channel=True, weight_type=QuantType.QInt8,
-        )  # fmt: skip
+            op_types_to_quantize=["MatMul"],
+            nodes_to_quantize=nodes,
+            per_channel=True,
+            weight_type=QuantType.QInt8,
+        )
         if mode == "dynamic":
             quantize_dynamic(str(prepared), str(dst), **common)
         else:
             names = [i.name for i in onnx.load(str(prepared)).graph.input]
             feeds = {names[0]: calibration} if tasks is None else {names[0]: calibration, names[1]: tasks}
             quantize_static(
-                str(prepared), str(dst), CalibrationReader(feeds), quant_format=QuantFormat.QDQ,
-                activation_type=QuantType.QInt8, **common,
+                str(prepared),
+                str(dst),
+                CalibrationReader(feeds),
+                quant_format=QuantFormat.QDQ,
+                activation_type=QuantType.QInt8,
+                **common,
                 extra_options={"ActivationSymmetric": True, "WeightSymmetric": True},
-            )  # fmt: skip
+            )
             unquantize_metric_input(dst)
     return {
         "mode": mode,

@@ -118,8 +118,10 @@ def check_against_bundle(model_onnx: Path, bundle_onnx: Path, size: int, dtype: 
     logits, probabilities = ours.run([LOGITS, PROBABILITIES], {PIXELS: x})
     (expected,) = theirs.run([OUTPUT_NAME], {INPUT_NAME: x})
     shifted = np.exp(expected.astype(np.float64) - expected.max(axis=1, keepdims=True))
-    if not (np.array_equal(logits, expected) and np.allclose(probabilities, shifted / shifted.sum(1, keepdims=True),
-                                                              atol=1e-3)):  # fmt: skip
+    if not (
+        np.array_equal(logits, expected)
+        and np.allclose(probabilities, shifted / shifted.sum(1, keepdims=True), atol=1e-3)
+    ):
         raise FpetError(f"{model_onnx} does not reproduce its bundle; the repository was not written")
 
 

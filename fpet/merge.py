@@ -112,8 +112,11 @@ def destinations(scores: Tensor, a_idx: Tensor, b_idx: Tensor, k: int, order: Te
         row = torch.where(rank < k, row, n_b + rank - k)
     in_b, b_pos, a_pos = _layout(tuple(a_idx.tolist()), tuple(b_idx.tolist()))
     device = scores.device
-    return torch.where(torch.tensor(in_b, device=device), torch.tensor(b_pos, device=device),
-                       row.index_select(1, torch.tensor(a_pos, device=device)))  # fmt: skip
+    return torch.where(
+        torch.tensor(in_b, device=device),
+        torch.tensor(b_pos, device=device),
+        row.index_select(1, torch.tensor(a_pos, device=device)),
+    )
 
 
 def gather_rows(t: Tensor, rows: Tensor) -> Tensor:

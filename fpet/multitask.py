@@ -75,8 +75,10 @@ def stack_tasks(models: Sequence[VisionTransformer]) -> VisionTransformer:
         other = frozen_tensors(model)
         differ = [k for k in shared if k not in other or not torch.equal(shared[k], other[k])]
         if differ or other.keys() != shared.keys() or model.schedule != first.schedule:
-            raise FpetError(f"task {i} does not share task 0's backbone and schedule (first difference: "
-                            f"{(differ or ['schedule'])[0]})")  # fmt: skip
+            raise FpetError(
+                f"task {i} does not share task 0's backbone and schedule (first difference: "
+                f"{(differ or ['schedule'])[0]})"
+            )
     stacked = copy.deepcopy(first)
     for i, block in enumerate(stacked.blocks):
         if block.adapter is not None:

@@ -65,8 +65,9 @@ def require_openvino(installed: bool) -> None:
 def require_hardware(precision: str, features: tuple[str, ...]) -> None:
     if not supports(precision, features):
         engine = "AMX-BF16 or AVX512-BF16" if precision == "bf16" else "AMX-FP16 or AVX512-FP16"
-        raise FpetError(f"{precision} needs a CPU with {engine}; this one has {', '.join(features) or 'neither'}: "
-                        "choose fp32")  # fmt: skip
+        raise FpetError(
+            f"{precision} needs a CPU with {engine}; this one has {', '.join(features) or 'neither'}: choose fp32"
+        )
 
 
 @dataclass(frozen=True)
@@ -104,17 +105,22 @@ def choose(
         raise FpetError(f"unknown precision {precision!r}; choose auto or one of: {', '.join(PRECISIONS)}")
     reason = "asked for"
     if runtime == "auto":
-        runtime, reason = auto_runtime(precision, bundle_precision, quantization, lowers_safely, gpu, features,
-                                       openvino)  # fmt: skip
+        runtime, reason = auto_runtime(
+            precision, bundle_precision, quantization, lowers_safely, gpu, features, openvino
+        )
     if runtime == "openvino":
         require_openvino(openvino)
         if bundle_precision == "fp16":
-            raise FpetError("fp16 bundles are for GPUs (onnxruntime-gpu); to compute in fp16 on a CPU, export the "
-                            "bundle in fp32 and choose precision fp16")  # fmt: skip
+            raise FpetError(
+                "fp16 bundles are for GPUs (onnxruntime-gpu); to compute in fp16 on a CPU, export the "
+                "bundle in fp32 and choose precision fp16"
+            )
         if bundle_precision == "int8":
             if precision != "auto":
-                raise FpetError("an int8 bundle runs in its own precision (its other layers in OpenVINO's default): "
-                                "leave precision at auto")  # fmt: skip
+                raise FpetError(
+                    "an int8 bundle runs in its own precision (its other layers in OpenVINO's default): "
+                    "leave precision at auto"
+                )
             return Choice("openvino", "int8", reason)
         if precision == "auto":
             precision = "bf16" if supports("bf16", features) else "fp32"
@@ -125,9 +131,10 @@ def choose(
         if bundle_precision != "fp32":
             raise FpetError(f"an {bundle_precision} bundle runs in its own precision: leave precision at auto")
         elsewhere = "the openvino runtime (CPUs)" if openvino else "the openvino runtime (pip install openvino)"
-        raise FpetError(f"onnxruntime runs a bundle in the precision it was exported in ({bundle_precision}); for "
-                        f"{precision} choose {elsewhere}" + (" or export an fp16 bundle (GPUs)"
-                        if precision == "fp16" else ""))  # fmt: skip
+        raise FpetError(
+            f"onnxruntime runs a bundle in the precision it was exported in ({bundle_precision}); for "
+            f"{precision} choose {elsewhere}" + (" or export an fp16 bundle (GPUs)" if precision == "fp16" else "")
+        )
     return Choice("onnxruntime", bundle_precision, reason)
 
 

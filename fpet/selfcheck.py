@@ -58,13 +58,22 @@ def compare(reference: np.ndarray, candidate: np.ndarray, limits: dict) -> dict:
     }
 
 
-def write(folder: Path, inputs: np.ndarray, logits: np.ndarray, exported: np.ndarray, tasks: np.ndarray | None = None,
-          classes: np.ndarray | None = None) -> None:  # fmt: skip
+def write(
+    folder: Path,
+    inputs: np.ndarray,
+    logits: np.ndarray,
+    exported: np.ndarray,
+    tasks: np.ndarray | None = None,
+    classes: np.ndarray | None = None,
+) -> None:
     """`logits`: the reference model's; `exported`: the exported graph's on the exporting machine, as verified there.
     `tasks` and `classes` (multi-task bundles): each image's task index and how many of its logits are its task's (the
     rest are the graph's padding, and are not compared)."""
-    arrays = {"input": inputs.astype(np.float32), "logits": logits.astype(np.float32),
-              "exported": exported.astype(np.float32)}  # fmt: skip
+    arrays = {
+        "input": inputs.astype(np.float32),
+        "logits": logits.astype(np.float32),
+        "exported": exported.astype(np.float32),
+    }
     if tasks is not None:
         arrays["task"], arrays["classes"] = tasks.astype(np.int64), classes.astype(np.int64)
     with (folder / FILE).open("wb") as f:
@@ -132,7 +141,9 @@ def summary(result: dict) -> str:
     where = ", ".join(f"{k} {result[k]}" for k in ("runtime", "compute_precision") if result.get(k))
     features = ",".join(result.get("cpu_features") or []) or "none seen"
     verdict = "passed" if result["passed"] else "failed"
-    return (f"self-check {verdict}: max abs error {result['max_abs_error']:.4g} (limit "
-            f"{result['thresholds']['max_abs_error']}), top-1 agreement {result['top1_agreement']:.3f} (limit "
-            f"{result['thresholds']['top1_agreement']}) on {result['images']} images; {where}; CPU features "
-            f"{features}")  # fmt: skip
+    return (
+        f"self-check {verdict}: max abs error {result['max_abs_error']:.4g} (limit "
+        f"{result['thresholds']['max_abs_error']}), top-1 agreement {result['top1_agreement']:.3f} (limit "
+        f"{result['thresholds']['top1_agreement']}) on {result['images']} images; {where}; CPU features "
+        f"{features}"
+    )

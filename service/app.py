@@ -69,10 +69,12 @@ def add_offline_docs(app: FastAPI) -> None:
     @app.get("/docs", include_in_schema=False)
     async def docs() -> HTMLResponse:
         return get_swagger_ui_html(
-            openapi_url=app.openapi_url, title=f"{app.title} - API",
-            swagger_js_url=f"{DOCS_ASSETS}/swagger-ui-bundle.js", swagger_css_url=f"{DOCS_ASSETS}/swagger-ui.css",
+            openapi_url=app.openapi_url,
+            title=f"{app.title} - API",
+            swagger_js_url=f"{DOCS_ASSETS}/swagger-ui-bundle.js",
+            swagger_css_url=f"{DOCS_ASSETS}/swagger-ui.css",
             swagger_favicon_url=f"{DOCS_ASSETS}/favicon.png",
-        )  # fmt: skip
+        )
 
 
 class RequestContext:
@@ -124,16 +126,21 @@ class RequestContext:
         state = scope["state"]
         route = scope.get("route")
         fields = {
-            "request_id": state["request_id"], "method": scope["method"],
-            "route": getattr(route, "path", None) or scope["path"], "path": scope["path"],
-            "model": state.get("model"), "task": state.get("task"), "status": answer["status"],
+            "request_id": state["request_id"],
+            "method": scope["method"],
+            "route": getattr(route, "path", None) or scope["path"],
+            "path": scope["path"],
+            "model": state.get("model"),
+            "task": state.get("task"),
+            "status": answer["status"],
             "bytes": answer["bytes"],
             "stages_ms": {k: round(v, 3) for k, v in state["timing"].items() if k != "total"},
             "client": f"{scope['client'][0]}:{scope['client'][1]}" if scope.get("client") else None,
-        }  # fmt: skip
+        }
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
-        observed(self.state, fields, headers, start, time.perf_counter(), state.get("marks", []),
-                 answer["status"] >= 500)  # fmt: skip
+        observed(
+            self.state, fields, headers, start, time.perf_counter(), state.get("marks", []), answer["status"] >= 500
+        )
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

@@ -56,8 +56,12 @@ def decode_image(data: bytes, max_pixels: int, size: int | None = None, pixels_l
             if size is not None:
                 draft(image, size)
             if pixels_left is not None and image.width * image.height > pixels_left:
-                raise ServiceError(413, "payload_too_large", "the request's images decode to more pixels than one "
-                                   "request may (FPET_MAX_REQUEST_PIXELS); send fewer or smaller images")  # fmt: skip
+                raise ServiceError(
+                    413,
+                    "payload_too_large",
+                    "the request's images decode to more pixels than one "
+                    "request may (FPET_MAX_REQUEST_PIXELS); send fewer or smaller images",
+                )
             image.load()
             return to_rgb(image)
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):

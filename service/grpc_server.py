@@ -29,11 +29,18 @@ from service.state import State
 log = logging.getLogger("fpet.service")
 HEALTH_SERVICE = "inference.GRPCInferenceService"
 ROUTE = f"/{HEALTH_SERVICE}/ModelInfer"  # how an inference call shows in access records and traces
-CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED,
-         404: grpc.StatusCode.NOT_FOUND, 413: grpc.StatusCode.INVALID_ARGUMENT,
-         415: grpc.StatusCode.INVALID_ARGUMENT, 422: grpc.StatusCode.INVALID_ARGUMENT,
-         429: grpc.StatusCode.RESOURCE_EXHAUSTED, 499: grpc.StatusCode.CANCELLED,
-         503: grpc.StatusCode.UNAVAILABLE, 504: grpc.StatusCode.DEADLINE_EXCEEDED}  # fmt: skip
+CODES = {
+    400: grpc.StatusCode.INVALID_ARGUMENT,
+    401: grpc.StatusCode.UNAUTHENTICATED,
+    404: grpc.StatusCode.NOT_FOUND,
+    413: grpc.StatusCode.INVALID_ARGUMENT,
+    415: grpc.StatusCode.INVALID_ARGUMENT,
+    422: grpc.StatusCode.INVALID_ARGUMENT,
+    429: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    499: grpc.StatusCode.CANCELLED,
+    503: grpc.StatusCode.UNAVAILABLE,
+    504: grpc.StatusCode.DEADLINE_EXCEEDED,
+}
 
 
 class Call:
@@ -41,31 +48,39 @@ class Call:
     a timeout) with the call's own deadline as X-Request-Timeout-Ms, and where the stage timings go."""
 
     def __init__(self, context: grpc.aio.ServicerContext):
-        self.headers = {key.lower(): value for key, value in context.invocation_metadata() or ()
-                        if isinstance(value, str)}  # fmt: skip
+        self.headers = {
+            key.lower(): value for key, value in context.invocation_metadata() or () if isinstance(value, str)
+        }
         remaining = context.time_remaining()
         if remaining is not None:
             self.headers["x-request-timeout-ms"] = str(max(remaining, 0.0) * 1000)
-        self.state = SimpleNamespace(timing={}, request_id=self.headers.get("x-request-id") or uuid.uuid4().hex,
-                                     marks=[], model=None, task=None)  # fmt: skip
+        self.state = SimpleNamespace(
+            timing={}, request_id=self.headers.get("x-request-id") or uuid.uuid4().hex, marks=[], model=None, task=None
+        )
 
     def fields(self, context: grpc.aio.ServicerContext, status: grpc.StatusCode, response) -> dict:
         """The call's access record, in the fields an HTTP request's has (service.observed)."""
         return {
-            "request_id": self.state.request_id, "method": "gRPC", "route": ROUTE, "path": ROUTE,
-            "model": self.state.model, "task": self.state.task, "status": status.name,
+            "request_id": self.state.request_id,
+            "method": "gRPC",
+            "route": ROUTE,
+            "path": ROUTE,
+            "model": self.state.model,
+            "task": self.state.task,
+            "status": status.name,
             "bytes": response.ByteSize() if response is not None else 0,
             "stages_ms": {k: round(v, 3) for k, v in self.state.timing.items() if k != "total"},
             "client": context.peer(),
-        }  # fmt: skip
+        }
 
 
 def parse_infer(message: service_pb2.ModelInferRequest, img_size: int) -> oip.InferRequest:
     """A ModelInferRequest as the protocol module's request, through its checks: the input as typed contents or as
     raw_input_contents (Triton's BYTES layout for `image`, little-endian floats for `pixel_values`)."""
     if len(message.inputs) != 1:
-        raise oip.bad(f"give exactly one input: {oip.IMAGE!r} (BYTES, encoded images) or {oip.PIXELS!r} (FP32, "
-                      "preprocessed)")  # fmt: skip
+        raise oip.bad(
+            f"give exactly one input: {oip.IMAGE!r} (BYTES, encoded images) or {oip.PIXELS!r} (FP32, preprocessed)"
+        )
     tensor = message.inputs[0]
     if len(message.raw_input_contents) > 1:
         raise oip.bad("raw_input_contents must hold one entry, for the one input")
@@ -134,10 +149,12 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
             found = metadata(self.state, runner, request.name if runner.tasks else None)
             tensors = service_pb2.ModelMetadataResponse.TensorMetadata
             return service_pb2.ModelMetadataResponse(
-                name=request.name, versions=found["versions"], platform=found["platform"],
+                name=request.name,
+                versions=found["versions"],
+                platform=found["platform"],
                 inputs=[tensors(name=t["name"], datatype=t["datatype"], shape=t["shape"]) for t in found["inputs"]],
                 outputs=[tensors(name=t["name"], datatype=t["datatype"], shape=t["shape"]) for t in found["outputs"]],
-            )  # fmt: skip
+            )
 
         return await self.answer(context, describe)
 
@@ -182,8 +199,9 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
             self.state.last_arrival = time.monotonic()
             start, status, response = time.perf_counter(), grpc.StatusCode.OK, None
             try:
-                response = await inference.infer(call, self.state, request.model_name, request.model_version or None,
-                                                 read, answer)  # fmt: skip
+                response = await inference.infer(
+                    call, self.state, request.model_name, request.model_version or None, read, answer
+                )
                 return response
             except ServiceError as exc:
                 status = CODES.get(exc.status, grpc.StatusCode.INTERNAL)
@@ -194,8 +212,15 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
             finally:
                 self.state.in_flight -= 1
                 if wanted(self.state):
-                    observed(self.state, call.fields(context, status, response), call.headers, start,
-                             time.perf_counter(), call.state.marks, status == grpc.StatusCode.INTERNAL)  # fmt: skip
+                    observed(
+                        self.state,
+                        call.fields(context, status, response),
+                        call.headers,
+                        start,
+                        time.perf_counter(),
+                        call.state.marks,
+                        status == grpc.StatusCode.INTERNAL,
+                    )
 
         return await self.answer(context, run)
 
@@ -238,11 +263,13 @@ class GrpcServer:
 
     @classmethod
     async def start(cls, state: State, port: int, host: str) -> GrpcServer:
-        server = grpc.aio.server(options=[
-            ("grpc.max_receive_message_length", state.settings.max_bytes),
-            ("grpc.max_send_message_length", 64 * 2**20),
-            ("grpc.so_reuseport", 0),  # a port another server holds is an error, not silently shared traffic
-        ])  # fmt: skip
+        server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", state.settings.max_bytes),
+                ("grpc.max_send_message_length", 64 * 2**20),
+                ("grpc.so_reuseport", 0),  # a port another server holds is an error, not silently shared traffic
+            ]
+        )
         service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceService(state), server)
         health_pb2_grpc.add_HealthServicer_to_server(Health(state), server)
         try:

@@ -21,13 +21,46 @@ from prometheus_client import (
     multiprocess,
 )
 
-LATENCY_BUCKETS = (0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2,
-                   0.3, 0.5, 0.75, 1, 2, 5, 10)  # fmt: skip
+LATENCY_BUCKETS = (
+    0.001,
+    0.002,
+    0.003,
+    0.005,
+    0.0075,
+    0.01,
+    0.015,
+    0.02,
+    0.03,
+    0.04,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.5,
+    0.75,
+    1,
+    2,
+    5,
+    10,
+)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 STAGES = ("decode", "preprocess", "queue", "inference", "postprocess")
-REASONS = ("invalid_image", "invalid_request", "unauthorized", "payload_too_large", "unsupported_media_type",
-           "validation_error", "overloaded", "not_ready", "shutting_down", "timeout", "internal_error",
-           "cancelled")  # fmt: skip
+REASONS = (
+    "invalid_image",
+    "invalid_request",
+    "unauthorized",
+    "payload_too_large",
+    "unsupported_media_type",
+    "validation_error",
+    "overloaded",
+    "not_ready",
+    "shutting_down",
+    "timeout",
+    "internal_error",
+    "cancelled",
+)
 
 REQUESTS = Counter("fpet_requests", "Requests by status code (499: cancelled, never answered)", ["model", "code"])
 ERRORS = Counter("fpet_request_errors", "Requests answered with an error", ["model", "reason"])
@@ -47,9 +80,11 @@ TASK_REQUESTS = Counter(
     "fpet_task_requests", "Requests answered, by task of a multi-task model", ["model", "task", "code"]
 )  # task names come only from the served bundles' manifests: a closed set
 TASK_REQUEST_SECONDS = Histogram(
-    "fpet_task_request_duration_seconds", "End-to-end request latency by task", ["model", "task"],
+    "fpet_task_request_duration_seconds",
+    "End-to-end request latency by task",
+    ["model", "task"],
     buckets=LATENCY_BUCKETS,
-)  # fmt: skip
+)
 IMAGES = Counter("fpet_images", "Images classified", ["model"])
 BATCHES = Counter("fpet_batches", "Batches run", ["model"])
 BATCH_SIZE = Histogram("fpet_batch_size", "Images per batch", ["model"], buckets=BATCH_BUCKETS)
@@ -57,11 +92,21 @@ QUEUE_IMAGES = Gauge("fpet_queue_images", "Images waiting for a batch", ["model"
 IN_FLIGHT = Gauge("fpet_requests_in_flight", "Requests being handled", ["model"], multiprocess_mode="livesum")
 READY = Gauge("fpet_model_ready", "1 when the model is loaded and warm", ["model"], multiprocess_mode="livemin")
 INFO = Gauge(
-    "fpet_model_info", "Served model: `precision` is the bundle's, `compute_precision` what the runtime computes in",
-    ["model", "version", "backbone", "provider", "precision", "schedule", "runtime", "compute_precision",
-     "cpu_features"],
+    "fpet_model_info",
+    "Served model: `precision` is the bundle's, `compute_precision` what the runtime computes in",
+    [
+        "model",
+        "version",
+        "backbone",
+        "provider",
+        "precision",
+        "schedule",
+        "runtime",
+        "compute_precision",
+        "cpu_features",
+    ],
     multiprocess_mode="liveall",
-)  # fmt: skip
+)
 GFLOPS = Gauge(
     "fpet_model_gflops_per_image", "Analytic GFLOPs (2 x GMACs) per image", ["model"], multiprocess_mode="max"
 )
@@ -69,16 +114,18 @@ LOAD_SECONDS = Gauge("fpet_model_load_duration_seconds", "Model load time", ["mo
 WARMUP_SECONDS = Gauge("fpet_model_warmup_duration_seconds", "Warm-up time", ["model"], multiprocess_mode="max")
 FALLBACKS = Counter("fpet_execution_provider_fallback", "CUDA asked for, CPU given by onnxruntime", ["model"])
 SELFCHECK_FAILURES = Counter(
-    "fpet_selfcheck_failures", "Bundles whose self-check failed on this runtime as they loaded (FPET_SELFCHECK=off: "
-    "served anyway)", ["model"],
-)  # fmt: skip
+    "fpet_selfcheck_failures",
+    "Bundles whose self-check failed on this runtime as they loaded (FPET_SELFCHECK=off: served anyway)",
+    ["model"],
+)
 MODEL_LOADS = Counter(
     "fpet_model_loads", "Model-control loads, by outcome (success, failure)", ["model", "outcome"]
 )  # model names come from the admin's loads: a closed set in practice
 SHADOW = Counter(
-    "fpet_shadow_requests", "Images of the default variant's requests also run on the reference variant, by whether "
-    "their top-1 agreed", ["model", "reference", "agree"],
-)  # fmt: skip
+    "fpet_shadow_requests",
+    "Images of the default variant's requests also run on the reference variant, by whether their top-1 agreed",
+    ["model", "reference", "agree"],
+)
 SHADOW_DROPPED = Counter(
     "fpet_shadow_dropped", "Shadow runs not made: the service was busy, or the reference was not served", ["reason"]
 )

@@ -7,18 +7,28 @@ from service import logs
 from service.state import State
 
 
-def observed(state: State, fields: dict, headers: dict[str, str], start: float, end: float,
-             marks: list[tuple[str, float, float]], failed: bool) -> None:  # fmt: skip
+def observed(
+    state: State,
+    fields: dict,
+    headers: dict[str, str],
+    start: float,
+    end: float,
+    marks: list[tuple[str, float, float]],
+    failed: bool,
+) -> None:
     """`fields`: the access record's (request_id, method, route, path, model, task, status, bytes, client, stages_ms);
     `marks`: the stages as service.pipeline.mark recorded them."""
     if state.settings.log_format == "json":
         logs.access({**fields, "duration_ms": round((end - start) * 1000, 3)})
     if state.tracer is not None:
         attributes = {
-            "http.request.method": fields["method"], "http.route": fields["route"], "url.path": fields["path"],
-            "fpet.status": str(fields["status"]), "fpet.request_id": fields["request_id"],
+            "http.request.method": fields["method"],
+            "http.route": fields["route"],
+            "url.path": fields["path"],
+            "fpet.status": str(fields["status"]),
+            "fpet.request_id": fields["request_id"],
             **{f"fpet.{k}": fields[k] for k in ("model", "task") if fields[k] is not None},
-        }  # fmt: skip
+        }
         if isinstance(fields["status"], int):
             attributes["http.response.status_code"] = fields["status"]
         name = f"{fields['method']} {fields['route']}"

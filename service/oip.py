@@ -255,11 +255,15 @@ def output_tensors(request: InferRequest, logits: np.ndarray, labels: list[str])
         if want.classification:
             top = classification(values, min(want.classification, values.shape[1]), labels)
             flat = list(top.reshape(-1))
-            outputs.append(OutputTensor(want.name, "BYTES", list(top.shape), serialize_bytes(flat),
-                                        [b.decode() for b in flat]))  # fmt: skip
+            outputs.append(
+                OutputTensor(want.name, "BYTES", list(top.shape), serialize_bytes(flat), [b.decode() for b in flat])
+            )
         else:
-            outputs.append(OutputTensor(want.name, "FP32", list(values.shape), values.astype("<f4").tobytes(),
-                                        values.reshape(-1).tolist()))  # fmt: skip
+            outputs.append(
+                OutputTensor(
+                    want.name, "FP32", list(values.shape), values.astype("<f4").tobytes(), values.reshape(-1).tolist()
+                )
+            )
     return outputs
 
 

@@ -182,9 +182,10 @@ async def read_images(request: Request, settings: Settings) -> list[bytes]:
             return [b64(item.b64) for item in payload.images]
         raise ServiceError(422, "validation_error", "give `image_b64` or a non-empty `images` list")
     raise ServiceError(
-        415, "unsupported_media_type",
+        415,
+        "unsupported_media_type",
         "send image/jpeg, image/png or image/webp, multipart/form-data with `file`, or application/json",
-    )  # fmt: skip
+    )
 
 
 def deadline_of(request: Request, settings: Settings, start: float) -> float:
@@ -280,8 +281,9 @@ async def batched(
     return results
 
 
-def finished(request: Request, model: str, start: float, postprocess_started: float, served: Served,
-             images: int) -> None:  # fmt: skip
+def finished(
+    request: Request, model: str, start: float, postprocess_started: float, served: Served, images: int
+) -> None:
     """A success: its stage timings into the metrics and into what `accounted` counts."""
     timing = request.state.timing
     timing["postprocess"] = (time.perf_counter() - postprocess_started) * 1000

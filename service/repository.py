@@ -46,9 +46,13 @@ def index(state: State, ready_only: bool = False) -> list[dict]:
         runner, status = state.runners.get(name), state.control.get(name)
         if runner is not None:
             reason = state.unready.get(name) or (status.reason if status else ("" if state.ready else state.reason))
-            entry = {"name": name, "version": oip.VERSION, "state": READY if state.model_ready(name) else UNAVAILABLE,
-                     "reason": reason,
-                     "bundle_version": runner.manifest["version"]}  # fmt: skip
+            entry = {
+                "name": name,
+                "version": oip.VERSION,
+                "state": READY if state.model_ready(name) else UNAVAILABLE,
+                "reason": reason,
+                "bundle_version": runner.manifest["version"],
+            }
         else:
             entry = {"name": name, "version": oip.VERSION, "state": status.state, "reason": status.reason}
         if not ready_only or entry["state"] == READY:
@@ -58,8 +62,12 @@ def index(state: State, ready_only: bool = False) -> list[dict]:
 
 def check_name(name: str) -> None:
     if not NAME.fullmatch(name):
-        raise ServiceError(400, "invalid_request", f"model name {name[:80]!r}: use letters, digits, '_', '.' or '-' "
-                                                   "(at most 64, starting with a letter or digit)")  # fmt: skip
+        raise ServiceError(
+            400,
+            "invalid_request",
+            f"model name {name[:80]!r}: use letters, digits, '_', '.' or '-' "
+            "(at most 64, starting with a letter or digit)",
+        )
 
 
 def resolve(state: State, name: str, uri: str | None) -> Path:
@@ -83,8 +91,10 @@ def resolve(state: State, name: str, uri: str | None) -> Path:
     named = [b for b in bundles if b.name == name or read_manifest(b)["variant"] == name]
     if len(named) != 1:
         shutil.rmtree(target, ignore_errors=True)
-        raise FpetError(f"{uri} holds {len(bundles)} bundles ({', '.join(b.name for b in bundles)}); none is "
-                        f"named {name!r} (by folder or variant)")  # fmt: skip
+        raise FpetError(
+            f"{uri} holds {len(bundles)} bundles ({', '.join(b.name for b in bundles)}); none is "
+            f"named {name!r} (by folder or variant)"
+        )
     return named[0]
 
 
@@ -111,8 +121,12 @@ async def load(state: State, name: str, uri: str | None) -> ModelRunner:
             raise ServiceError(400, "load_failed", reason) from None
         swap(state, runner)
         metrics.MODEL_LOADS.labels(name, "success").inc()
-        log.info("%s: version %s in service (%.1f s to load and warm)", name, runner.manifest["version"],
-                 time.perf_counter() - started)  # fmt: skip
+        log.info(
+            "%s: version %s in service (%.1f s to load and warm)",
+            name,
+            runner.manifest["version"],
+            time.perf_counter() - started,
+        )
         return runner
 
 
@@ -133,8 +147,9 @@ def swap(state: State, runner: ModelRunner) -> None:
 async def unload(state: State, name: str) -> None:
     async with state.control_lock:
         if name not in state.runners:
-            raise ServiceError(404, "model_not_found", f"no model {name!r} is served; served: "
-                                                       f"{', '.join(state.runners) or 'none'}")  # fmt: skip
+            raise ServiceError(
+                404, "model_not_found", f"no model {name!r} is served; served: {', '.join(state.runners) or 'none'}"
+            )
         runner, batcher = state.runners.pop(name), state.batchers.pop(name)
         state.control[name] = Status(UNAVAILABLE, "unloaded")
         state.unready.pop(name, None)

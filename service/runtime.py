@@ -72,8 +72,13 @@ class ModelRunner:
         self.dtype = np.float16 if self.manifest["precision"] == "fp16" else np.float32
         self.requested = requested_providers(providers)
         self.cpu_features = cpu_features()
-        choice = choose(runtime, precision, **runtime_facts(self.manifest), gpu=self.requested[0] == CUDA,
-                        features=self.cpu_features)  # fmt: skip
+        choice = choose(
+            runtime,
+            precision,
+            **runtime_facts(self.manifest),
+            gpu=self.requested[0] == CUDA,
+            features=self.cpu_features,
+        )
         if providers == "cuda" and choice.runtime == "openvino":
             raise FpetError("providers cuda are onnxruntime's: choose runtime onnxruntime (or auto) for a GPU")
         self.runtime, self.precision, self.runtime_reason = choice.runtime, choice.precision, choice.reason
@@ -107,8 +112,12 @@ class ModelRunner:
                 raise ServiceError(404, "task_not_found", f"model {self.name!r} serves one task; it has no {name!r}")
             return self.single
         if name is None:
-            raise ServiceError(400, "invalid_request", f"model {self.name!r} serves several tasks: name one (POST "
-                               f"/tasks/{{task}}/classify or ?task=) of {', '.join(self.tasks)}")  # fmt: skip
+            raise ServiceError(
+                400,
+                "invalid_request",
+                f"model {self.name!r} serves several tasks: name one (POST "
+                f"/tasks/{{task}}/classify or ?task=) of {', '.join(self.tasks)}",
+            )
         if name not in self.tasks:
             raise ServiceError(404, "task_not_found", f"no task {name!r}; {self.name} serves {', '.join(self.tasks)}")
         return self.tasks[name]
@@ -121,8 +130,10 @@ class ModelRunner:
             tasks = np.ascontiguousarray(tasks, dtype=np.int64)
             # The graph's Gather would take -1 as the last task and spread one index over the batch: say so instead.
             if tasks.shape != (len(batch),) or tasks.min() < 0 or tasks.max() >= len(self.tasks):
-                raise ValueError(f"{self.name}: task indices {tasks.tolist()} for {len(batch)} images; each image "
-                                 f"needs one of 0..{len(self.tasks) - 1}")  # fmt: skip
+                raise ValueError(
+                    f"{self.name}: task indices {tasks.tolist()} for {len(batch)} images; each image "
+                    f"needs one of 0..{len(self.tasks) - 1}"
+                )
             feeds[self.task_input] = tasks
         return feeds
 
@@ -154,8 +165,14 @@ class ModelRunner:
         """The bundle's self-check (fpet.selfcheck) on this runtime, in the precision it computes in."""
         facts = {"runtime": self.runtime, "provider": self.provider, "cpu_features": list(self.cpu_features)}
         try:
-            self.selfcheck = selfcheck.check(lambda x, t: self.run(x.astype(self.dtype), t), self.bundle,
-                                             self.manifest, self.precision, max_batch, facts)  # fmt: skip
+            self.selfcheck = selfcheck.check(
+                lambda x, t: self.run(x.astype(self.dtype), t),
+                self.bundle,
+                self.manifest,
+                self.precision,
+                max_batch,
+                facts,
+            )
         except FpetError as exc:  # an unreadable or mismatched file fails the check; it does not stop the service
             self.selfcheck = {"passed": False, "error": str(exc), "compute_precision": self.precision, **facts}
         return self.selfcheck

@@ -69,8 +69,9 @@ class MergePoint(BaseModel):
     method: str = Field(description="fpet (learned matching) or tome")
     tokens_before: int = Field(description="tokens entering the merge, cls included")
     tokens_after: int
-    groups: list[list[int]] = Field(description="per token after the merge, the original patches it holds "
-                                    "(row-major patch indices)")  # fmt: skip
+    groups: list[list[int]] = Field(
+        description="per token after the merge, the original patches it holds (row-major patch indices)"
+    )
 
 
 class ExplainResponse(BaseModel):

@@ -77,8 +77,9 @@ def serve(overrides: dict) -> None:
     # (what depends on the bundles, such as an int8 bundle's precision, is checked as they load).
     check_available(settings.runtime, settings.precision)
     if settings.grpc_port is not None and settings.workers > 1:
-        raise FpetError("gRPC is served by one process: use --workers 1 with --grpc-port (FPET_GRPC_PORT), and scale "
-                        "with replicas")  # fmt: skip
+        raise FpetError(
+            "gRPC is served by one process: use --workers 1 with --grpc-port (FPET_GRPC_PORT), and scale with replicas"
+        )
     configure_logging(settings.log_format)
     # Workers and the factory read settings from the environment: pass the flags on that way.
     for name, value in settings.model_dump(exclude_none=True).items():
@@ -96,10 +97,16 @@ def serve(overrides: dict) -> None:
     log.info("serving on http://%s:%s (docs at /docs); ready once /readyz answers 200", settings.host, settings.port)
     text_logs = settings.log_format == "text"  # JSON: the service writes one access record per request itself
     config = uvicorn.Config(
-        "service.app:create_app", factory=True, host=settings.host, port=settings.port, workers=settings.workers,
-        timeout_graceful_shutdown=int(settings.drain_timeout_s), log_level="info",
-        access_log=text_logs, log_config=uvicorn.config.LOGGING_CONFIG if text_logs else None,
-    )  # fmt: skip
+        "service.app:create_app",
+        factory=True,
+        host=settings.host,
+        port=settings.port,
+        workers=settings.workers,
+        timeout_graceful_shutdown=int(settings.drain_timeout_s),
+        log_level="info",
+        access_log=text_logs,
+        log_config=uvicorn.config.LOGGING_CONFIG if text_logs else None,
+    )
     if settings.workers > 1:  # uvicorn's supervisor runs its own servers: its drain, not this one
         Multiprocess(config, sockets=[config.bind_socket()]).run()
         return

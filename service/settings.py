@@ -23,9 +23,10 @@ class Settings(BaseSettings):
     )
     workers: int = Field(1, ge=1, description="uvicorn workers; on a GPU scale with replicas instead")
     runtime: Literal["auto", "onnxruntime", "openvino"] = Field(
-        "auto", description="auto: OpenVINO where the CPU has a bf16 matrix engine (AMX, AVX512-BF16) and no GPU is "
+        "auto",
+        description="auto: OpenVINO where the CPU has a bf16 matrix engine (AMX, AVX512-BF16) and no GPU is "
         "used, onnxruntime elsewhere",
-    )  # fmt: skip
+    )
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="compute precision; auto: bf16 with OpenVINO, the bundle's own with onnxruntime"
     )
@@ -33,9 +34,11 @@ class Settings(BaseSettings):
     allow_cpu_fallback: bool = Field(True, description="serve on CPU when CUDA was asked for but is unavailable")
     threads: int = Field(0, ge=0, description="threads per instance (0: the cores split between the instances)")
     instances: int = Field(
-        1, ge=1, description="batches of one model run side by side (Triton's instance count); more: throughput "
+        1,
+        ge=1,
+        description="batches of one model run side by side (Triton's instance count); more: throughput "
         "under load, fewer: latency when idle",
-    )  # fmt: skip
+    )
     max_batch_size: int = Field(0, ge=0, description="largest batch per model (0: 32 on a GPU, 8 on a CPU)")
     max_delay_ms: float = Field(2.0, ge=0, description="longest wait to fill a batch, only under load")
     max_queue_images: int = Field(64, ge=1, description="queued images per model before 429")
@@ -47,28 +50,35 @@ class Settings(BaseSettings):
     max_bytes: int = Field(8 * 2**20, gt=0, description="largest request body")
     max_pixels: int = Field(40_000_000, gt=0, description="largest decoded image (decompression-bomb guard)")
     max_request_pixels: int = Field(
-        40_000_000, gt=0, description="most decoded pixels of all of a request's images together (a JPEG counts at "
+        40_000_000,
+        gt=0,
+        description="most decoded pixels of all of a request's images together (a JPEG counts at "
         "the reduced size it decodes to): many small files that decode big cost no more than one large image",
-    )  # fmt: skip
+    )
     max_images: int = Field(16, ge=1, description="most images in one JSON request")
     api_key: SecretStr | None = Field(None, description="if set, classify endpoints need it (Bearer or X-API-Key)")
     drain_timeout_s: float = Field(30.0, gt=0, description="how long SIGTERM waits for queued requests")
     model_control_mode: Literal["none", "explicit"] = Field(
-        "none", description="explicit: load, swap and unload models at run time through /v2/repository (Triton's "
+        "none",
+        description="explicit: load, swap and unload models at run time through /v2/repository (Triton's "
         "model control); none: the bundles given at start, and those endpoints answer 403",
-    )  # fmt: skip
+    )
     admin_key: SecretStr | None = Field(
         None, description="the Bearer key of the model-control endpoints (required with explicit mode; not the API key)"
     )
     shadow_rate: float = Field(
-        0.0, ge=0, le=1, description="share of the default variant's requests also run on the reference variant, "
+        0.0,
+        ge=0,
+        le=1,
+        description="share of the default variant's requests also run on the reference variant, "
         "outside the request path, to measure their top-1 agreement on live traffic (0: off)",
-    )  # fmt: skip
+    )
     shadow_reference: str = Field("backbone", description="the variant shadow requests are compared with")
     selfcheck: Literal["on", "off"] = Field(
-        "on", description="on: a model whose self-check fails on this runtime is not ready (the others serve); off: it "
+        "on",
+        description="on: a model whose self-check fails on this runtime is not ready (the others serve); off: it "
         "serves anyway, counted and logged as a warning",
-    )  # fmt: skip
+    )
     log_format: Literal["text", "json"] = Field(
         "text", description="json: one JSON object per request and per log record, on stderr"
     )

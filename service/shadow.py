@@ -53,7 +53,11 @@ def maybe_shadow(
         metrics.SHADOW_DROPPED.labels("no_reference").inc()
         return
     same_input = (reference.img_size, reference.mean, reference.std, reference.dtype) == (
-        runner.img_size, runner.mean, runner.std, runner.dtype)  # fmt: skip
+        runner.img_size,
+        runner.mean,
+        runner.std,
+        runner.dtype,
+    )
     served = task.name is None if not reference.tasks else task.name in reference.tasks
     if not same_input or not served:
         metrics.SHADOW_DROPPED.labels("incompatible").inc()
@@ -67,8 +71,9 @@ def maybe_shadow(
     job.add_done_callback(state.shadows.discard)
 
 
-async def run(state: State, model: str, reference: ModelRunner, task: Task, arrays: list[np.ndarray],
-              tops: list[int]) -> None:  # fmt: skip
+async def run(
+    state: State, model: str, reference: ModelRunner, task: Task, arrays: list[np.ndarray], tops: list[int]
+) -> None:
     batcher = state.batchers.get(reference.name)
     if batcher is None:
         metrics.SHADOW_DROPPED.labels("no_reference").inc()

@@ -116,8 +116,11 @@ class State:
         variant, task = self.target(name)
         runner = self.runner(variant)
         if runner.tasks and task is None:
-            raise ServiceError(404, "model_not_found", f"{name!r} serves several tasks, each an OIP model of its own: "
-                                                       f"{', '.join(runner.tasks)}")  # fmt: skip
+            raise ServiceError(
+                404,
+                "model_not_found",
+                f"{name!r} serves several tasks, each an OIP model of its own: {', '.join(runner.tasks)}",
+            )
         if version is not None and version != oip.VERSION:
             raise ServiceError(404, "model_not_found", f"{name} has no version {version!r}; it serves {oip.VERSION!r}")
         return runner, task
@@ -168,8 +171,9 @@ def open_model(state: State, path: str | Path, name: str | None = None) -> Model
     """Load and warm one bundle (seconds: in a worker thread), served as `name` (default: its variant). Nothing of
     the service changes here: a bundle that fails to load or to warm up leaves what is served as it was."""
     settings = state.settings
-    runner = ModelRunner(path, settings.providers, session_threads(settings), settings.runtime, settings.precision,
-                         settings.instances)  # fmt: skip
+    runner = ModelRunner(
+        path, settings.providers, session_threads(settings), settings.runtime, settings.precision, settings.instances
+    )
     runner.name = name or runner.name
     formats = runner.manifest.get("verification", {}).get("formats", {})
     if not all(result.get("passed", True) for result in formats.values()):
@@ -207,8 +211,17 @@ def install(state: State, runner: ModelRunner) -> None:
     if old is not None:
         metrics.INFO.remove(*old)
     m = runner.manifest
-    labels = (name, m["version"], m["backbone"]["name"], runner.provider, m["precision"], m["schedule"],
-              runner.runtime, runner.precision, ",".join(runner.cpu_features))  # fmt: skip
+    labels = (
+        name,
+        m["version"],
+        m["backbone"]["name"],
+        runner.provider,
+        m["precision"],
+        m["schedule"],
+        runner.runtime,
+        runner.precision,
+        ",".join(runner.cpu_features),
+    )
     metrics.INFO.labels(*labels).set(1)
     state.info_labels[name] = labels
     metrics.GFLOPS.labels(name).set(2 * m["gmacs"])
@@ -216,8 +229,15 @@ def install(state: State, runner: ModelRunner) -> None:
     metrics.WARMUP_SECONDS.labels(name).set(runner.warmup_seconds)
     if runner.fell_back:
         metrics.FALLBACKS.labels(name).inc()
-    log.info("%s ready on %s, %s (%s; load %.1f s, warm-up %.1f s)", name, runner.provider, runner.precision,
-             runner.runtime_reason, runner.load_seconds, runner.warmup_seconds)  # fmt: skip
+    log.info(
+        "%s ready on %s, %s (%s; load %.1f s, warm-up %.1f s)",
+        name,
+        runner.provider,
+        runner.precision,
+        runner.runtime_reason,
+        runner.load_seconds,
+        runner.warmup_seconds,
+    )
 
 
 def check_task_names(state: State, runners: dict[str, ModelRunner]) -> None:
@@ -263,11 +283,17 @@ def start_batcher(state: State, runner: ModelRunner) -> MicroBatcher:
         state.stats.batch(name, size, seconds)
 
     batcher = MicroBatcher(
-        runner.run, executor, max_batch=state.max_batch(runner), max_delay=settings.max_delay_ms / 1000,
-        max_queue=settings.max_queue_images, instances=settings.instances, on_batch=on_batch,
+        runner.run,
+        executor,
+        max_batch=state.max_batch(runner),
+        max_delay=settings.max_delay_ms / 1000,
+        max_queue=settings.max_queue_images,
+        instances=settings.instances,
+        on_batch=on_batch,
         on_queue=lambda depth: metrics.QUEUE_IMAGES.labels(name).set(depth),
-        on_failure=lambda reason: state.set_ready(False, f"{name}: {reason}"), device=state.device,
-    )  # fmt: skip
+        on_failure=lambda reason: state.set_ready(False, f"{name}: {reason}"),
+        device=state.device,
+    )
     batcher.start()
     return batcher
 

@@ -14,8 +14,13 @@ from dataclasses import dataclass, field
 from service.oip import VERSION
 
 # The service's request stages, as Triton names them: decoding and preprocessing make the input tensors.
-STAGE_OF = {"queue": "queue", "decode": "compute_input", "preprocess": "compute_input",
-            "inference": "compute_infer", "postprocess": "compute_output"}  # fmt: skip
+STAGE_OF = {
+    "queue": "queue",
+    "decode": "compute_input",
+    "preprocess": "compute_input",
+    "inference": "compute_infer",
+    "postprocess": "compute_output",
+}
 DURATIONS = ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output", "cache_hit", "cache_miss")
 
 
@@ -29,14 +34,23 @@ class ModelStats:
 
     def to_json(self, name: str) -> dict:
         return {
-            "name": name, "version": VERSION, "last_inference": self.last_inference_ms,
-            "inference_count": self.inference_count, "execution_count": self.execution_count,
+            "name": name,
+            "version": VERSION,
+            "last_inference": self.last_inference_ms,
+            "inference_count": self.inference_count,
+            "execution_count": self.execution_count,
             "inference_stats": {k: {"count": c, "ns": ns} for k, (c, ns) in self.durations.items()},
-            "batch_stats": [{"batch_size": size, "compute_input": {"count": count, "ns": 0},
-                             "compute_infer": {"count": count, "ns": ns}, "compute_output": {"count": count, "ns": 0}}
-                            for size, (count, ns) in sorted(self.batches.items())],
+            "batch_stats": [
+                {
+                    "batch_size": size,
+                    "compute_input": {"count": count, "ns": 0},
+                    "compute_infer": {"count": count, "ns": ns},
+                    "compute_output": {"count": count, "ns": 0},
+                }
+                for size, (count, ns) in sorted(self.batches.items())
+            ],
             "memory_usage": [],
-        }  # fmt: skip
+        }
 
 
 class Statistics:
@@ -56,8 +70,9 @@ class Statistics:
             if name is not None:
                 self._names[name] = (variant, task)
 
-    def request(self, variant: str, task: str | None, ok: bool, seconds: float, images: int,
-                timing_ms: dict[str, float]) -> None:  # fmt: skip
+    def request(
+        self, variant: str, task: str | None, ok: bool, seconds: float, images: int, timing_ms: dict[str, float]
+    ) -> None:
         """One request answered: its outcome and total time, and for a success its stages and images."""
         with self._lock:
             stats = self._models.get((variant, task))

@@ -34,8 +34,16 @@ class Tracer:
     def ns(self, perf: float) -> int:
         return int(perf * 1e9) + self.offset_ns
 
-    def record(self, name: str, headers: dict[str, str], start: float, end: float, attributes: dict,
-               stages: list[tuple[str, float, float]], failed: bool) -> None:  # fmt: skip
+    def record(
+        self,
+        name: str,
+        headers: dict[str, str],
+        start: float,
+        end: float,
+        attributes: dict,
+        stages: list[tuple[str, float, float]],
+        failed: bool,
+    ) -> None:
         """The request's span and its stages' spans, with the times they were measured at."""
         parent = PROPAGATOR.extract(headers)
         span = self.tracer.start_span(name, parent, SpanKind.SERVER, attributes, start_time=self.ns(start))

@@ -27,8 +27,14 @@ PROVIDERS = {"onnxruntime": "CPUExecutionProvider", "openvino": "OpenVINO CPU"}
 @pytest.fixture(scope="module", params=list(PROVIDERS))
 def client(request, tiny_bundles):
     """The whole API on each runtime: onnxruntime, and OpenVINO in its default precision on this CPU."""
-    settings = Settings(bundles=[str(tiny_bundles["fpet"]), str(tiny_bundles["backbone"])], providers="cpu",
-                        runtime=request.param, max_batch_size=4, max_images=3, max_bytes=200_000)  # fmt: skip
+    settings = Settings(
+        bundles=[str(tiny_bundles["fpet"]), str(tiny_bundles["backbone"])],
+        providers="cpu",
+        runtime=request.param,
+        max_batch_size=4,
+        max_images=3,
+        max_bytes=200_000,
+    )
     with TestClient(create_app(settings), raise_server_exceptions=False) as client:
         client.runtime = request.param
         yield client
@@ -61,8 +67,7 @@ def test_multipart_json_and_model_in_path(client):
     images = [{"b64": base64.b64encode(jpeg(c)).decode()} for c in ((250, 0, 0), (0, 250, 0), (0, 0, 250))]
     many = client.post("/classify", json={"images": images})
     assert many.status_code == 200 and [r["image"] for r in many.json()["results"]] == [0, 1, 2]
-    assert client.post("/classify", headers={"X-Request-Id": "abc-123"}, content=jpeg(),
-                       ).status_code == 415  # fmt: skip
+    assert client.post("/classify", headers={"X-Request-Id": "abc-123"}, content=jpeg()).status_code == 415
 
 
 def test_same_answer_as_pytorch_through_the_same_preprocessing(client, tiny_bundles):
@@ -125,11 +130,23 @@ def test_health_and_metadata(client):
 def test_metrics_follow_the_conventions(client):
     client.post("/classify", content=jpeg(), headers={"Content-Type": "image/jpeg"})
     text = client.get("/metrics").text
-    for name in ("fpet_requests_total", "fpet_request_duration_seconds_bucket", "fpet_stage_duration_seconds_bucket",
-                 "fpet_batch_inference_duration_seconds_bucket", "fpet_images_total", "fpet_batches_total",
-                 "fpet_batch_size_bucket", "fpet_queue_images", "fpet_requests_in_flight", "fpet_model_ready",
-                 "fpet_model_info", "fpet_model_gflops_per_image", "fpet_model_load_duration_seconds",
-                 "fpet_model_warmup_duration_seconds", "fpet_build_info"):  # fmt: skip
+    for name in (
+        "fpet_requests_total",
+        "fpet_request_duration_seconds_bucket",
+        "fpet_stage_duration_seconds_bucket",
+        "fpet_batch_inference_duration_seconds_bucket",
+        "fpet_images_total",
+        "fpet_batches_total",
+        "fpet_batch_size_bucket",
+        "fpet_queue_images",
+        "fpet_requests_in_flight",
+        "fpet_model_ready",
+        "fpet_model_info",
+        "fpet_model_gflops_per_image",
+        "fpet_model_load_duration_seconds",
+        "fpet_model_warmup_duration_seconds",
+        "fpet_build_info",
+    ):
         assert name in text, name
     assert 'le="0.0075"' in text and 'fpet_requests_total{code="200",model="fpet"}' in text
 
@@ -143,25 +160,37 @@ def test_metrics_follow_the_conventions(client):
         ({"json": {"image_b64": "***not base64***"}}, 400, "invalid_request"),
         ({"content": b"{not json", "headers": {"Content-Type": "application/json"}}, 400, "invalid_request"),
         ({"content": png_bomb(90_000, 90_000), "headers": {"Content-Type": "image/png"}}, 413, "payload_too_large"),
-        ({"content": b"\xff\xd8\xff" + b"0" * 300_000, "headers": {"Content-Type": "image/jpeg"}}, 413,
-         "payload_too_large"),
+        (
+            {"content": b"\xff\xd8\xff" + b"0" * 300_000, "headers": {"Content-Type": "image/jpeg"}},
+            413,
+            "payload_too_large",
+        ),
         ({"json": {"images": [{"b64": "AAAA"}] * 4}}, 413, "payload_too_large"),
-        ({"content": encode(Image.new("RGB", (8, 8)), "GIF"), "headers": {"Content-Type": "image/gif"}}, 415,
-         "unsupported_media_type"),
-        ({"content": encode(Image.new("RGB", (8, 8)), "TIFF"), "headers": {"Content-Type": "image/png"}}, 415,
-         "unsupported_media_type"),
+        (
+            {"content": encode(Image.new("RGB", (8, 8)), "GIF"), "headers": {"Content-Type": "image/gif"}},
+            415,
+            "unsupported_media_type",
+        ),
+        (
+            {"content": encode(Image.new("RGB", (8, 8)), "TIFF"), "headers": {"Content-Type": "image/png"}},
+            415,
+            "unsupported_media_type",
+        ),
         ({"content": b"hello", "headers": {"Content-Type": "text/plain"}}, 415, "unsupported_media_type"),
         ({"json": {"images": []}}, 422, "validation_error"),
         ({"json": {"images": "nope"}}, 422, "validation_error"),
     ],
-)  # fmt: skip
+)
 def test_bad_requests(client, request_kwargs, status, error_type):
     check_error(client.post("/classify", **request_kwargs), status, error_type)
 
 
 def test_grey_rgba_and_16_bit_images_are_accepted(client):
-    for image in (Image.new("L", (30, 30), 90), Image.new("RGBA", (30, 30), (9, 8, 7, 6)),
-                  Image.fromarray(np.full((30, 30), 40000, dtype=np.uint16))):  # fmt: skip
+    for image in (
+        Image.new("L", (30, 30), 90),
+        Image.new("RGBA", (30, 30), (9, 8, 7, 6)),
+        Image.fromarray(np.full((30, 30), 40000, dtype=np.uint16)),
+    ):
         assert (
             client.post("/classify", content=encode(image, "PNG"), headers={"Content-Type": "image/png"}).status_code
             == 200
@@ -169,12 +198,18 @@ def test_grey_rgba_and_16_bit_images_are_accepted(client):
 
 
 def test_unknown_model_query_and_route_errors(client):
-    check_error(client.post("/classify?model=resnet", content=jpeg(), headers={"Content-Type": "image/jpeg"}), 404,
-                "model_not_found")  # fmt: skip
+    check_error(
+        client.post("/classify?model=resnet", content=jpeg(), headers={"Content-Type": "image/jpeg"}),
+        404,
+        "model_not_found",
+    )
     assert 'model="resnet"' not in client.get("/metrics").text
     check_error(client.get("/models/resnet"), 404, "model_not_found")
-    check_error(client.post("/classify?top_k=0", content=jpeg(), headers={"Content-Type": "image/jpeg"}), 422,
-                "validation_error")  # fmt: skip
+    check_error(
+        client.post("/classify?top_k=0", content=jpeg(), headers={"Content-Type": "image/jpeg"}),
+        422,
+        "validation_error",
+    )
     check_error(client.get("/nowhere"), 404, "not_found")
     soon = {"Content-Type": "image/jpeg", "X-Request-Timeout-Ms": "soon"}
     check_error(client.post("/classify", content=jpeg(), headers=soon), 400, "invalid_request")
@@ -188,13 +223,15 @@ def test_a_request_past_its_deadline_gets_504(client):
 
 
 def test_api_key_and_queue_limits(tiny_bundles):
-    settings = Settings(bundles=[str(tiny_bundles["fpet"])], providers="cpu", api_key="s3cret", max_queue_images=1,
-                        max_images=4)  # fmt: skip
+    settings = Settings(
+        bundles=[str(tiny_bundles["fpet"])], providers="cpu", api_key="s3cret", max_queue_images=1, max_images=4
+    )
     with TestClient(create_app(settings), raise_server_exceptions=False) as client:
         headers = {"Content-Type": "image/jpeg"}
         check_error(client.post("/classify", content=jpeg(), headers=headers), 401, "unauthorized")
-        check_error(client.post("/classify", content=jpeg(), headers={**headers, "X-API-Key": "wrong"}), 401,
-                    "unauthorized")  # fmt: skip
+        check_error(
+            client.post("/classify", content=jpeg(), headers={**headers, "X-API-Key": "wrong"}), 401, "unauthorized"
+        )
         assert client.post("/classify", content=jpeg(), headers={**headers, "X-API-Key": "s3cret"}).status_code == 200
         ok = client.post("/classify", content=jpeg(), headers={**headers, "Authorization": "Bearer s3cret"})
         assert ok.status_code == 200
@@ -214,8 +251,9 @@ def test_a_full_queue_refuses_before_reading_or_decoding(tiny_bundles):
     is refused even when its body is not an image (it was never read)."""
     import threading
 
-    settings = Settings(bundles=[str(tiny_bundles["fpet"])], providers="cpu", max_queue_images=1, max_batch_size=1,
-                        admission_wait_ms=0)  # fmt: skip
+    settings = Settings(
+        bundles=[str(tiny_bundles["fpet"])], providers="cpu", max_queue_images=1, max_batch_size=1, admission_wait_ms=0
+    )
     with TestClient(create_app(settings), raise_server_exceptions=False) as client:
         batcher = client.app.state.fpet.batchers["fpet"]
         run_batch = batcher.run_batch
@@ -400,10 +438,16 @@ def test_explain_returns_the_plan_and_the_picture(fresh_client):
         assert Image.open(io.BytesIO(picture.content)).size == (64 * 3, 64 * 3)
     backbone = client.post("/models/backbone/explain", content=jpeg(), headers={"Content-Type": "image/jpeg"})
     assert backbone.status_code == 200 and backbone.json()["merges"] == [] and backbone.json()["grid"] is None
-    check_error(client.post("/models/backbone/explain?format=png", content=jpeg(),
-                            headers={"Content-Type": "image/jpeg"}), 400, "invalid_request")  # fmt: skip
-    check_error(client.post("/models/fpet/explain", content=b"nope", headers={"Content-Type": "image/jpeg"}),
-                400, "invalid_image")  # fmt: skip
+    check_error(
+        client.post("/models/backbone/explain?format=png", content=jpeg(), headers={"Content-Type": "image/jpeg"}),
+        400,
+        "invalid_request",
+    )
+    check_error(
+        client.post("/models/fpet/explain", content=b"nope", headers={"Content-Type": "image/jpeg"}),
+        400,
+        "invalid_image",
+    )
     assert 'fpet_requests_total{code="200",model="explain"}' in client.get("/metrics").text
     schema = client.get("/openapi.json").json()["paths"]["/models/{model}/explain"]["post"]
     assert (
@@ -453,8 +497,9 @@ def test_instances_split_the_cores_and_answer_as_one_instance_does(tiny_bundles,
     import service.state
 
     monkeypatch.setattr(service.state, "available_cores", lambda: 4)
-    settings = Settings(bundles=[str(tiny_bundles["fpet"])], providers="cpu", instances=2, max_batch_size=2,
-                        runtime=runtime)  # fmt: skip
+    settings = Settings(
+        bundles=[str(tiny_bundles["fpet"])], providers="cpu", instances=2, max_batch_size=2, runtime=runtime
+    )
     one = Settings(bundles=[str(tiny_bundles["fpet"])], providers="cpu", runtime=runtime)
     bodies = [jpeg((40 * i, 200 - 30 * i, 90)) for i in range(6)]
 

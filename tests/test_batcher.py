@@ -138,8 +138,9 @@ def test_admission_holds_places_until_the_images_are_queued():
         again = await batcher.admit()
         with pytest.raises(ServiceError):
             await batcher.admit()
-        results = await asyncio.gather(*(batcher.submit(images(1), time.perf_counter() + 5, t)
-                                         for t in (tickets[1], tickets[2], again)))  # fmt: skip
+        results = await asyncio.gather(
+            *(batcher.submit(images(1), time.perf_counter() + 5, t) for t in (tickets[1], tickets[2], again))
+        )
         return full.value, results
 
     error, results = run(with_batcher(runner, body, max_queue=3, max_batch=1))
@@ -352,8 +353,15 @@ def test_stop_returns_when_a_batch_breaks_after_inference_during_the_drain():
 
     async def go():
         with ThreadPoolExecutor(1) as executor:
-            batcher = MicroBatcher(FakeRunner(0.2), executor, max_batch=1, max_delay=0.0, max_queue=8,
-                                   on_batch=broken_metrics, on_failure=failures.append)  # fmt: skip
+            batcher = MicroBatcher(
+                FakeRunner(0.2),
+                executor,
+                max_batch=1,
+                max_delay=0.0,
+                max_queue=8,
+                on_batch=broken_metrics,
+                on_failure=failures.append,
+            )
             batcher.start()
             pending = [asyncio.ensure_future(batcher.submit(images(1), time.perf_counter() + 5)) for _ in range(2)]
             await asyncio.sleep(0.05)  # one image is running, one is queued
@@ -492,10 +500,17 @@ def test_models_sharing_a_device_compute_one_batch_at_a_time_and_time_only_their
         device = asyncio.Semaphore(1)
         with ThreadPoolExecutor(1) as a_pool, ThreadPoolExecutor(1) as b_pool:
             batchers = [
-                MicroBatcher(overlap, pool, max_batch=1, max_delay=0, max_queue=8, device=device,
-                             on_batch=lambda size, s: seconds.append(s))
+                MicroBatcher(
+                    overlap,
+                    pool,
+                    max_batch=1,
+                    max_delay=0,
+                    max_queue=8,
+                    device=device,
+                    on_batch=lambda size, s: seconds.append(s),
+                )
                 for pool in (a_pool, b_pool)
-            ]  # fmt: skip
+            ]
             for batcher in batchers:
                 batcher.start()
             image = np.ones((3, 2, 2), np.float32)

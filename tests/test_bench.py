@@ -7,8 +7,18 @@ from bench.train import bench_train, markdown
 
 
 def test_train_benchmark_smoke():
-    rows = bench_train("vit_tiny_patch16_224", 32, ["adaptformer"], ["none", "6:0.5"], batch_size=4, steps=1, warmup=0,
-                       repeats=1, threads=1, log=lambda _: None)  # fmt: skip
+    rows = bench_train(
+        "vit_tiny_patch16_224",
+        32,
+        ["adaptformer"],
+        ["none", "6:0.5"],
+        batch_size=4,
+        steps=1,
+        warmup=0,
+        repeats=1,
+        threads=1,
+        log=lambda _: None,
+    )
     assert [r["schedule"] for r in rows] == ["none", "6:0.5"]
     assert rows[0]["speedup"] == 1.0 and rows[1]["images_per_s"] > 0 and rows[1]["peak_rss_mb"] > 0
     assert "| adaptformer | `6:0.5` |" in markdown(rows)
@@ -37,8 +47,16 @@ def test_onnx_benchmark_runs_each_bundle_in_every_runtime_and_precision_it_can(t
     from fpet.runtimes import cpu_features, supports
 
     bundles = [tiny_bundles["backbone"], tiny_bundles["fpet"]]
-    rows = bench_bundles(bundles, [2], ("ORT_ENABLE_ALL",), repeats=1, min_seconds=0.01, threads=1,
-                         runtimes=("onnxruntime", "openvino"), precisions=("fp32", "bf16"))  # fmt: skip
+    rows = bench_bundles(
+        bundles,
+        [2],
+        ("ORT_ENABLE_ALL",),
+        repeats=1,
+        min_seconds=0.01,
+        threads=1,
+        runtimes=("onnxruntime", "openvino"),
+        precisions=("fp32", "bf16"),
+    )
     expected = {("onnxruntime", "fp32"), ("openvino", "fp32")} | (
         {("openvino", "bf16")} if supports("bf16", cpu_features()) else set()
     )
@@ -82,8 +100,9 @@ def test_onnx_benchmark_callers_share_one_session(tmp_path, monkeypatch):
         return Watched()
 
     monkeypatch.setattr(onnx_runtime, "session", watched_session)
-    rows = onnx_runtime.bench_bundles([tmp_path / "fpet"], [2], ("ORT_ENABLE_ALL",), repeats=1, min_seconds=0.1,
-                                      threads=1, callers=2)  # fmt: skip
+    rows = onnx_runtime.bench_bundles(
+        [tmp_path / "fpet"], [2], ("ORT_ENABLE_ALL",), repeats=1, min_seconds=0.1, threads=1, callers=2
+    )
     assert most == 2 and rows[0]["callers"] == 2 and rows[0]["ms_per_image"] > 0
     assert "threads per caller: 1, callers per session: 2" in onnx_runtime.markdown(rows)
     with pytest.raises(FpetError, match="callers must be at least 1"):
@@ -95,8 +114,18 @@ def test_model_benchmark_smoke(tmp_path):
     from bench.model import markdown as model_markdown
     from fpet.runtimes import cpu_features, supports
 
-    rows = bench_model("vit_tiny_patch16_224", 64, ["6:0.5"], ["torch", "onnx", "openvino"], [2], threads=1,
-                       precisions=["fp32", "bf16"], repeats=2, min_seconds=0.01, log=lambda _: None)  # fmt: skip
+    rows = bench_model(
+        "vit_tiny_patch16_224",
+        64,
+        ["6:0.5"],
+        ["torch", "onnx", "openvino"],
+        [2],
+        threads=1,
+        precisions=["fp32", "bf16"],
+        repeats=2,
+        min_seconds=0.01,
+        log=lambda _: None,
+    )
     setups = {("torch", "fp32"), ("onnxruntime", "fp32"), ("openvino", "fp32"), ("torch", "bf16")}
     if supports("bf16", cpu_features()):
         setups.add(("openvino", "bf16"))
@@ -120,6 +149,7 @@ def test_bundle_predictions_cover_every_test_image_in_each_runtime(tmp_path, tin
         (test / f"class_{i}").rename(test / label)
     predicted, truth = bundle_predictions(tiny_bundles["fpet"], tmp_path / "data", threads=1)
     assert len(predicted) == len(truth) == 9 and set(truth.tolist()) == {0, 1, 2}
-    openvino, _ = bundle_predictions(tiny_bundles["fpet"], tmp_path / "data", threads=1, runtime="openvino",
-                                     precision="fp32")  # fmt: skip
+    openvino, _ = bundle_predictions(
+        tiny_bundles["fpet"], tmp_path / "data", threads=1, runtime="openvino", precision="fp32"
+    )
     assert openvino.tolist() == predicted.tolist()  # OpenVINO's fp32 answers as onnxruntime's

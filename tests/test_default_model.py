@@ -67,8 +67,11 @@ def test_the_readme_grpc_client_gets_classify_s_top_1(default_server):
     code = readme_block("grpc-client").replace("127.0.0.1:8001", f"127.0.0.1:{grpc_port}")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert done.returncode == 0, done.stderr
-    top = httpx.post(f"{base}/classify", content=(ROOT / "samples" / "ankle_boot.png").read_bytes(),
-                     headers={"Content-Type": "image/png"}).json()["predictions"][0]  # fmt: skip
+    top = httpx.post(
+        f"{base}/classify",
+        content=(ROOT / "samples" / "ankle_boot.png").read_bytes(),
+        headers={"Content-Type": "image/png"},
+    ).json()["predictions"][0]
     first = done.stdout.split("' b'")[0]  # [[b'0.933624:9:Ankle boot' b'...
     assert first.endswith(f":{top['index']}:{top['label']}") and top["label"] == "Ankle boot"
 
@@ -84,7 +87,8 @@ def test_the_readme_perf_analyzer_commands_run_over_http_and_grpc(default_server
     script = script.replace(
         "--concurrency-range 4", "--concurrency-range 2 --measurement-interval 1000 --stability-percentage 100"
     )
-    done = subprocess.run(["bash", "-euo", "pipefail", "-c", script], capture_output=True, text=True, cwd=ROOT,
-                          timeout=600)  # fmt: skip
+    done = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=600
+    )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert done.stdout.count("Successful request count:") == 2 and "Avg gRPC time" in done.stdout

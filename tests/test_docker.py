@@ -31,8 +31,14 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED_SANDBOX = ROOT.parent / "shared" / "tools" / "docker-sandbox.sh"
 SANDBOX_SCRIPT = SHARED_SANDBOX if SHARED_SANDBOX.exists() else ROOT / ".ci" / "docker-sandbox.sh"
 SANDBOX_DIR = Path(os.environ.get("SANDBOX", "/tmp/docker-sandbox"))
-COMPOSE = Path(sys.executable).parents[1] / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / \
-    "site-packages" / "compose" / "docker-compose"  # fmt: skip
+COMPOSE = (
+    Path(sys.executable).parents[1]
+    / "lib"
+    / f"python{sys.version_info.major}.{sys.version_info.minor}"
+    / "site-packages"
+    / "compose"
+    / "docker-compose"
+)
 IMAGE = "fpet-e2e"  # image names of the test's own, so a developer's fpet:cpu is left alone
 SAMPLE = ROOT / "samples" / "ankle_boot.png"
 # Panels whose queries must return data once both variants have had batched traffic.
@@ -86,8 +92,16 @@ def sh(env: dict, *cmd: str, cwd: Path = ROOT, timeout: float = 600, check: bool
 @pytest.fixture(scope="module")
 def checkout(tmp_path_factory) -> Path:
     """A clean copy of the repository: what git tracks plus what it does not ignore (so uncommitted work counts)."""
-    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
-                           capture_output=True, check=True).stdout.decode().split("\0")  # fmt: skip
+    files = (
+        subprocess.run(
+            ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+            cwd=ROOT,
+            capture_output=True,
+            check=True,
+        )
+        .stdout.decode()
+        .split("\0")
+    )
     copy = tmp_path_factory.mktemp("checkout")
     for name in filter(None, files):
         if (ROOT / name).is_file():
@@ -100,9 +114,15 @@ def checkout(tmp_path_factory) -> Path:
 def compose_env(engine, tmp_path_factory) -> dict:
     """An empty home (nothing from the host leaks in), free host ports, the test's own image names."""
     home = tmp_path_factory.mktemp("home")
-    return {**engine, "HOME": str(home), "FPET_IMAGE": IMAGE, "FPET_HOST_PORT": str(free_port()),
-            "FPET_GRPC_HOST_PORT": str(free_port()), "PROMETHEUS_HOST_PORT": str(free_port()),
-            "TORCH_INDEX_URL": ""}  # fmt: skip
+    return {
+        **engine,
+        "HOME": str(home),
+        "FPET_IMAGE": IMAGE,
+        "FPET_HOST_PORT": str(free_port()),
+        "FPET_GRPC_HOST_PORT": str(free_port()),
+        "PROMETHEUS_HOST_PORT": str(free_port()),
+        "TORCH_INDEX_URL": "",
+    }
 
 
 def compose(env: dict, checkout: Path, *args: str, timeout: float = 600, check: bool = True) -> str:
@@ -135,11 +155,20 @@ def images(compose_env, checkout) -> dict:
 
 def test_images_carry_verified_bundles_and_no_torch(compose_env, images):
     for target in ("cpu", "gpu"):
-        out = sh(compose_env, "docker", "run", "--rm", "--entrypoint", "python", f"{IMAGE}:{target}", "-c",
-                 "import importlib.util, json, pathlib\n"
-                 "print(json.dumps({'torch': importlib.util.find_spec('torch') is not None, 'bundles': {p.name: "
-                 "json.loads((p / 'manifest.json').read_text())['verification'] for p in pathlib.Path('/models')"
-                 ".iterdir()}}))")  # fmt: skip
+        out = sh(
+            compose_env,
+            "docker",
+            "run",
+            "--rm",
+            "--entrypoint",
+            "python",
+            f"{IMAGE}:{target}",
+            "-c",
+            "import importlib.util, json, pathlib\n"
+            "print(json.dumps({'torch': importlib.util.find_spec('torch') is not None, 'bundles': {p.name: "
+            "json.loads((p / 'manifest.json').read_text())['verification'] for p in pathlib.Path('/models')"
+            ".iterdir()}}))",
+        )
         found = json.loads(out.strip().splitlines()[-1])
         assert not found["torch"], target
         assert sorted(found["bundles"]) == ["backbone", "fpet"], target
@@ -196,8 +225,12 @@ def stack(compose_env, checkout, images) -> Iterator[dict]:
 
 
 def classify(base: str, model: str) -> httpx.Response:
-    return httpx.post(f"{base}/classify?model={model}&top_k=3", content=SAMPLE.read_bytes(),
-                      headers={"Content-Type": "image/png"}, timeout=60)  # fmt: skip
+    return httpx.post(
+        f"{base}/classify?model={model}&top_k=3",
+        content=SAMPLE.read_bytes(),
+        headers={"Content-Type": "image/png"},
+        timeout=60,
+    )
 
 
 def test_compose_serves_both_variants_hardened(compose_env, stack):
@@ -245,13 +278,17 @@ def test_prometheus_reads_the_speedup_and_every_dashboard_query(compose_env, sta
                 burst(stack["fpet"], model, pool)
             result = query(stack["prometheus"], "fpet:speedup_compute")["result"]
             speedup = float(result[0]["value"][1]) if result else None
-    REPORT.append(f"fpet:speedup_compute read from the Prometheus container: {speedup} after "
-                  f"{time.monotonic() - start:.0f} s of batched traffic")  # fmt: skip
+    REPORT.append(
+        f"fpet:speedup_compute read from the Prometheus container: {speedup} after "
+        f"{time.monotonic() - start:.0f} s of batched traffic"
+    )
     assert speedup is not None and speedup > 1
     memory = sh(compose_env, "docker", "stats", "--no-stream", "--format", "{{.MemUsage}}", stack["container"])
     REPORT.append(f"service memory after the batched traffic: {memory.strip()}")
-    batch = query(stack["prometheus"], "sum by (model) (rate(fpet_batch_size_sum[1m])) / sum by (model) "
-                                       "(rate(fpet_batch_size_count[1m]))")["result"]  # fmt: skip
+    batch = query(
+        stack["prometheus"],
+        "sum by (model) (rate(fpet_batch_size_sum[1m])) / sum by (model) (rate(fpet_batch_size_count[1m]))",
+    )["result"]
     assert {r["metric"]["model"] for r in batch if float(r["value"][1]) > 1} == {"fpet", "backbone"}, batch
 
     dashboard = json.loads((ROOT / "deploy" / "grafana" / "dashboards" / "fpet.json").read_text())
@@ -299,8 +336,10 @@ def test_compose_stop_answers_every_request_it_accepted_and_exits_0(compose_env,
     state = inspect(compose_env, stack["container"])["State"]
     log = sh(compose_env, "docker", "logs", stack["container"])
     outcomes = [o for history in histories for o, _ in history]
-    REPORT.append(f"compose stop during load: stopped in {stopped:.1f} s, exit code {state['ExitCode']}, client "
-                  f"outcomes {sorted((str(o)[:6], outcomes.count(o)) for o in set(outcomes))}")  # fmt: skip
+    REPORT.append(
+        f"compose stop during load: stopped in {stopped:.1f} s, exit code {state['ExitCode']}, client "
+        f"outcomes {sorted((str(o)[:6], outcomes.count(o)) for o in set(outcomes))}"
+    )
     assert state["ExitCode"] == 0 and not state["OOMKilled"]
     assert "Application shutdown complete" in log
     assert outcomes.count(200) > 8 and len(histories) == 8
@@ -332,8 +371,25 @@ def wait_up(base: str) -> None:
 def run_gpu_image(env: dict, *extra: str) -> tuple[str, str]:
     port = free_port()
     name = f"fpet-e2e-gpu-{port}"
-    sh(env, "docker", "run", "-d", "--name", name, "-p", f"127.0.0.1:{port}:8000", "--read-only", "--tmpfs", "/tmp",
-       "--cap-drop", "ALL", "--security-opt", "no-new-privileges:true", *extra, f"{IMAGE}:gpu")  # fmt: skip
+    sh(
+        env,
+        "docker",
+        "run",
+        "-d",
+        "--name",
+        name,
+        "-p",
+        f"127.0.0.1:{port}:8000",
+        "--read-only",
+        "--tmpfs",
+        "/tmp",
+        "--cap-drop",
+        "ALL",
+        "--security-opt",
+        "no-new-privileges:true",
+        *extra,
+        f"{IMAGE}:gpu",
+    )
     return name, f"http://127.0.0.1:{port}"
 
 

@@ -109,8 +109,9 @@ def test_fp16_export_runs_on_the_cpu_provider(tmp_path):
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "cli.main", "export", *args], capture_output=True, text=True,
-                          env={**os.environ})  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "cli.main", "export", *args], capture_output=True, text=True, env={**os.environ}
+    )
 
 
 def test_bad_inputs_are_one_line_errors(tmp_path):
@@ -239,8 +240,9 @@ def test_int8_is_judged_on_held_out_images_of_the_run(tmp_path, monkeypatch):
     made_by = {output: node.op_type for node in graph.node for output in node.output}
     metric = [node for node in graph.node if "key_mean" in node.name and node.op_type == "MatMul"]
     assert metric and made_by[metric[0].input[0]] != "DequantizeLinear", "the merge metric reads rounded activations"
-    assert any(made_by.get(name) == "DequantizeLinear" for node in graph.node if "attn/qkv" in node.name
-               for name in node.input)  # fmt: skip
+    assert any(
+        made_by.get(name) == "DequantizeLinear" for node in graph.node if "attn/qkv" in node.name for name in node.input
+    )
     monkeypatch.setattr(verify, "HELDOUT_MAX_DROP", -101.0)  # no bundle can be 101 points more accurate
     with pytest.raises(FpetError, match="verification failed for onnx: onnx: on 12 held-out images"):
         export_bundle(run, tmp_path / "b8", options, **quiet)

@@ -29,8 +29,16 @@ SAMPLE = open("samples/ankle_boot.png", "rb").read()  # noqa: SIM115 (read once 
 @pytest.fixture(scope="module")
 def server(tiny_bundles, tmp_path_factory):
     port = free_port()
-    process, base = start_server(tiny_bundles, tmp_path_factory.mktemp("grpc"), "--grpc-port", str(port),
-                                 "--max-images", "4", "--max-bytes", "200000")  # fmt: skip
+    process, base = start_server(
+        tiny_bundles,
+        tmp_path_factory.mktemp("grpc"),
+        "--grpc-port",
+        str(port),
+        "--max-images",
+        "4",
+        "--max-bytes",
+        "200000",
+    )
     yield base, f"127.0.0.1:{port}"
     process.terminate()
     process.wait()
@@ -89,8 +97,9 @@ def test_the_sample_gets_the_same_top_1_and_probabilities_as_classify(server, cl
     got = result.as_numpy("probabilities")[0]
     assert int(np.argmax(got)) == int(np.argmax(expected))
     np.testing.assert_allclose(got, expected, atol=1e-5)
-    top = client.infer(model, [image_input([SAMPLE])],
-                       outputs=[grpcclient.InferRequestedOutput("probabilities", class_count=2)])  # fmt: skip
+    top = client.infer(
+        model, [image_input([SAMPLE])], outputs=[grpcclient.InferRequestedOutput("probabilities", class_count=2)]
+    )
     first = top.as_numpy("probabilities")[0][0].decode().split(":")
     assert int(first[1]) == int(np.argmax(expected))
     assert top.get_response().model_version == "1"
@@ -105,7 +114,8 @@ def test_pixel_values_as_raw_and_as_typed_contents_answer_alike(server, client, 
     raw = client.infer("fpet", [tensor]).as_numpy("logits")
     typed = service_pb2.ModelInferRequest(model_name="fpet", id="typed-1")
     typed.inputs.add(name="pixel_values", datatype="FP32", shape=list(pixels.shape)).contents.fp32_contents.extend(
-        pixels.ravel().tolist())  # fmt: skip
+        pixels.ravel().tolist()
+    )
     answer = stub.ModelInfer(typed)
     assert answer.id == "typed-1" and [o.name for o in answer.outputs] == ["probabilities", "logits"]
     logits = np.frombuffer(answer.raw_output_contents[1], dtype="<f4").reshape(2, -1)
@@ -132,27 +142,57 @@ def with_outputs(message: service_pb2.ModelInferRequest, name: str, k: int) -> s
 
 MALFORMED = {
     "no input": (request(), grpc.StatusCode.INVALID_ARGUMENT, "exactly one input"),
-    "unknown input": (request(name="x", datatype="BYTES", shape=[1], contents=[b"a"]),
-                      grpc.StatusCode.INVALID_ARGUMENT, "unknown input"),
-    "image not BYTES": (request(name="image", datatype="FP32", shape=[1]), grpc.StatusCode.INVALID_ARGUMENT,
-                        "datatype BYTES"),
-    "shape and count differ": (request(name="image", datatype="BYTES", shape=[2], contents=[IMAGES[0]]),
-                               grpc.StatusCode.INVALID_ARGUMENT, "carries 1 elements"),
-    "negative shape": (request(name="image", datatype="BYTES", shape=[-1], contents=[IMAGES[0]]),
-                       grpc.StatusCode.INVALID_ARGUMENT, "non-negative"),
-    "not an image": (request(name="image", datatype="BYTES", shape=[1], contents=[b"not a picture"]),
-                     grpc.StatusCode.INVALID_ARGUMENT, "image"),
-    "too many images": (request(name="image", datatype="BYTES", shape=[5], contents=IMAGES[:5]),
-                        grpc.StatusCode.INVALID_ARGUMENT, "over the limit of 4"),
-    "pixels of the wrong size": (request(name="pixel_values", datatype="FP32", shape=[1, 3, 8, 8]),
-                                 grpc.StatusCode.INVALID_ARGUMENT, "must have shape [N, 3, 64, 64]"),
-    "unknown output": (with_outputs(request(name="image", datatype="BYTES", shape=[1], contents=[IMAGES[0]]), "z", 0),
-                       grpc.StatusCode.INVALID_ARGUMENT, "unknown output"),
-    "negative top-k": (with_outputs(request(name="image", datatype="BYTES", shape=[1], contents=[IMAGES[0]]),
-                                    "logits", -2), grpc.StatusCode.INVALID_ARGUMENT, "non-negative"),
-    "over the size limit": (request(name="image", datatype="BYTES", shape=[1], contents=[b"x" * 300_000]),
-                            grpc.StatusCode.RESOURCE_EXHAUSTED, ""),
-}  # fmt: skip
+    "unknown input": (
+        request(name="x", datatype="BYTES", shape=[1], contents=[b"a"]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "unknown input",
+    ),
+    "image not BYTES": (
+        request(name="image", datatype="FP32", shape=[1]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "datatype BYTES",
+    ),
+    "shape and count differ": (
+        request(name="image", datatype="BYTES", shape=[2], contents=[IMAGES[0]]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "carries 1 elements",
+    ),
+    "negative shape": (
+        request(name="image", datatype="BYTES", shape=[-1], contents=[IMAGES[0]]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "non-negative",
+    ),
+    "not an image": (
+        request(name="image", datatype="BYTES", shape=[1], contents=[b"not a picture"]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "image",
+    ),
+    "too many images": (
+        request(name="image", datatype="BYTES", shape=[5], contents=IMAGES[:5]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "over the limit of 4",
+    ),
+    "pixels of the wrong size": (
+        request(name="pixel_values", datatype="FP32", shape=[1, 3, 8, 8]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "must have shape [N, 3, 64, 64]",
+    ),
+    "unknown output": (
+        with_outputs(request(name="image", datatype="BYTES", shape=[1], contents=[IMAGES[0]]), "z", 0),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "unknown output",
+    ),
+    "negative top-k": (
+        with_outputs(request(name="image", datatype="BYTES", shape=[1], contents=[IMAGES[0]]), "logits", -2),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "non-negative",
+    ),
+    "over the size limit": (
+        request(name="image", datatype="BYTES", shape=[1], contents=[b"x" * 300_000]),
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "",
+    ),
+}
 
 
 @pytest.mark.parametrize("case", list(MALFORMED))
@@ -165,14 +205,19 @@ def test_malformed_calls_get_their_status_code_and_the_server_goes_on(stub, clie
 
 
 def test_unknown_models_and_versions_are_not_found(stub, client):
-    for message in (service_pb2.ModelInferRequest(model_name="nope"),
-                    service_pb2.ModelInferRequest(model_name="fpet", model_version="9")):  # fmt: skip
+    for message in (
+        service_pb2.ModelInferRequest(model_name="nope"),
+        service_pb2.ModelInferRequest(model_name="fpet", model_version="9"),
+    ):
         message.inputs.add(name="image", datatype="BYTES", shape=[1]).contents.bytes_contents.append(IMAGES[0])
         with pytest.raises(grpc.RpcError) as error:
             stub.ModelInfer(message)
         assert error.value.code() == grpc.StatusCode.NOT_FOUND
-    for call in (lambda: client.get_model_config("nope"), lambda: client.get_inference_statistics("nope"),
-                 lambda: client.get_model_metadata("nope")):  # fmt: skip
+    for call in (
+        lambda: client.get_model_config("nope"),
+        lambda: client.get_inference_statistics("nope"),
+        lambda: client.get_model_metadata("nope"),
+    ):
         with pytest.raises(InferenceServerException, match="NOT_FOUND"):
             call()
     with pytest.raises(InferenceServerException, match="UNIMPLEMENTED"):
@@ -194,11 +239,16 @@ def test_an_api_key_is_asked_of_grpc_calls_too(tiny_bundles, tmp_path):
 
 
 def test_grpc_with_several_workers_is_a_one_line_error():
-    done = subprocess.run([sys.executable, "-m", "cli.main", "serve", "--workers", "2", "--grpc-port", "8001"],
-                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "cli.main", "serve", "--workers", "2", "--grpc-port", "8001"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode != 0 and done.stderr.strip().splitlines() == [
         "fpet: error: gRPC is served by one process: use --workers 1 with --grpc-port (FPET_GRPC_PORT), and scale "
-        "with replicas"]  # fmt: skip
+        "with replicas"
+    ]
 
 
 def big_png(seed: int) -> bytes:

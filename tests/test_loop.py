@@ -35,14 +35,24 @@ def test_a_short_run_lowers_the_loss_and_writes_a_run_folder(data, tmp_path):
     losses = [row["train_loss"] for row in metrics["history"]]
     assert losses[-1] < losses[0]
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [
-        "adapters.safetensors", "config.json", "labels.json", "metrics.json"]  # fmt: skip
+        "adapters.safetensors",
+        "config.json",
+        "labels.json",
+        "metrics.json",
+    ]
     assert metrics["val"]["best"] >= metrics["val"]["last"] > 0
     assert metrics["train_images_per_s"] > 0 and metrics["peak_memory_mb"] > 0
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["schedule"] == "6:0.5" and config["labels"] == ["class_0", "class_1", "class_2"]
     assert config["preprocessing"] == {
-        "img_size": 32, "resize": "bicubic", "normalize": "none", "channels": "RGB", "scale": 1 / 255,
-        "mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0]}  # fmt: skip
+        "img_size": 32,
+        "resize": "bicubic",
+        "normalize": "none",
+        "channels": "RGB",
+        "scale": 1 / 255,
+        "mean": [0.0, 0.0, 0.0],
+        "std": [1.0, 1.0, 1.0],
+    }
     assert {"torch", "fpet", "python"} <= set(config["software"])
 
 
@@ -178,12 +188,42 @@ def free_port() -> int:
 def test_two_process_gloo_training(data, tmp_path):
     out = tmp_path / "ddp"
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-        "--master_port", str(free_port()), "-m", "cli.main", "train", "--data", str(data), "--out", str(out),
-        "--weights", "random", "--backbone", "vit_tiny_patch16_224", "--img-size", "32", "--train-size", "24",
-        "--val-size", "12", "--no-test", "--epochs", "2", "--warmup-epochs", "1", "--batch-size", "8",
-        "--device", "cpu",
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        "-m",
+        "cli.main",
+        "train",
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--weights",
+        "random",
+        "--backbone",
+        "vit_tiny_patch16_224",
+        "--img-size",
+        "32",
+        "--train-size",
+        "24",
+        "--val-size",
+        "12",
+        "--no-test",
+        "--epochs",
+        "2",
+        "--warmup-epochs",
+        "1",
+        "--batch-size",
+        "8",
+        "--device",
+        "cpu",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]

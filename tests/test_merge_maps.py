@@ -80,8 +80,19 @@ def test_the_bundle_maps_equal_pytorch_and_visualize_draws_them(tmp_path, tiny_b
     assert bad.returncode != 0 and "merges no tokens" in bad.stderr and "Traceback" not in bad.stderr
     (tmp_path / "b").mkdir()  # two images of one name from two folders: each keeps its own maps
     Image.fromarray(np.zeros((50, 70, 3), dtype=np.uint8)).save(tmp_path / "b" / "photo.png")
-    twice = run_fpet("visualize", str(tiny_bundles["fpet"]), str(image), str(tmp_path / "b" / "photo.png"), "--out",
-                     str(tmp_path / "twice"), home=tmp_path)  # fmt: skip
+    twice = run_fpet(
+        "visualize",
+        str(tiny_bundles["fpet"]),
+        str(image),
+        str(tmp_path / "b" / "photo.png"),
+        "--out",
+        str(tmp_path / "twice"),
+        home=tmp_path,
+    )
     assert twice.returncode == 0, twice.stderr
     assert sorted(p.name for p in (tmp_path / "twice").iterdir()) == [
-        "photo-2_block6.png", "photo-2_sheet.png", "photo_block6.png", "photo_sheet.png"]  # fmt: skip
+        "photo-2_block6.png",
+        "photo-2_sheet.png",
+        "photo_block6.png",
+        "photo_sheet.png",
+    ]

@@ -23,8 +23,15 @@ ADMIN = {"Authorization": "Bearer admin-secret"}
 
 
 def settings_for(bundles: list, **extra) -> Settings:
-    return Settings(bundles=[str(b) for b in bundles], providers="cpu", runtime="onnxruntime", max_batch_size=2,
-                    model_control_mode="explicit", admin_key="admin-secret", **extra)  # fmt: skip
+    return Settings(
+        bundles=[str(b) for b in bundles],
+        providers="cpu",
+        runtime="onnxruntime",
+        max_batch_size=2,
+        model_control_mode="explicit",
+        admin_key="admin-secret",
+        **extra,
+    )
 
 
 @pytest.fixture
@@ -72,19 +79,30 @@ def test_the_endpoints_need_explicit_mode_and_the_admin_key(tiny_bundles, client
         Settings(model_control_mode="explicit")
 
 
-def test_a_new_version_from_an_archive_replaces_the_old_and_a_bad_bundle_changes_nothing(tiny_bundles, client,
-                                                                                         tmp_path):  # fmt: skip
+def test_a_new_version_from_an_archive_replaces_the_old_and_a_bad_bundle_changes_nothing(
+    tiny_bundles, client, tmp_path
+):
     old = index(client)["fpet"]
     assert old["state"] == "READY" and old["version"] == "1"
-    names = ("model", "version", "backbone", "provider", "precision", "schedule", "runtime", "compute_precision",
-             "cpu_features")  # fpet_model_info's labels  # fmt: skip
+    names = (
+        "model",
+        "version",
+        "backbone",
+        "provider",
+        "precision",
+        "schedule",
+        "runtime",
+        "compute_precision",
+        "cpu_features",
+    )  # fpet_model_info's labels
     old_series = [f'{k}="{v}"' for k, v in zip(names, client.app.state.fpet.info_labels["fpet"], strict=True)]
     newer = copy_bundle(tiny_bundles["fpet"], tmp_path / "fpet", "0123456789ab")
     archive = tmp_path / "fpet.tar.gz"
     with tarfile.open(archive, "w:gz") as tar:
         tar.add(newer, arcname="fpet")
-    loaded = client.post("/v2/repository/models/fpet/load", headers=ADMIN,
-                         json={"parameters": {"uri": f"file://{archive}"}})  # fmt: skip
+    loaded = client.post(
+        "/v2/repository/models/fpet/load", headers=ADMIN, json={"parameters": {"uri": f"file://{archive}"}}
+    )
     assert loaded.status_code == 200, loaded.text
     assert loaded.json()["bundle_version"] == "0123456789ab" and loaded.json()["warmup_seconds"] > 0
     answer = classify(client)
@@ -110,8 +128,12 @@ def test_a_new_version_from_an_archive_replaces_the_old_and_a_bad_bundle_changes
 def test_unload_then_load_again_under_any_name(tiny_bundles, client):
     assert client.post("/v2/repository/models/backbone/unload", headers=ADMIN).status_code == 200
     assert classify(client, "backbone").status_code == 404
-    assert index(client)["backbone"] == {"name": "backbone", "version": "1", "state": "UNAVAILABLE",
-                                         "reason": "unloaded"}  # fmt: skip
+    assert index(client)["backbone"] == {
+        "name": "backbone",
+        "version": "1",
+        "state": "UNAVAILABLE",
+        "reason": "unloaded",
+    }
     assert [e["name"] for e in client.post("/v2/repository/index", headers=ADMIN, json={"ready": True}).json()] == [
         "fpet"
     ]
@@ -140,8 +162,10 @@ def test_a_task_added_at_run_time(task_bundles):
     two, three = task_bundles
     with TestClient(create_app(settings_for([two]))) as client:
         assert [t["name"] for t in client.get("/tasks").json()["tasks"]] == ["shapes", "colours"]
-        assert client.post("/tasks/sizes/classify", content=jpeg(), headers={"Content-Type": "image/jpeg"}
-                           ).status_code == 404  # fmt: skip
+        assert (
+            client.post("/tasks/sizes/classify", content=jpeg(), headers={"Content-Type": "image/jpeg"}).status_code
+            == 404
+        )
         loaded = client.post("/v2/repository/models/fpet/load", headers=ADMIN, json={"parameters": {"uri": str(three)}})
         assert loaded.status_code == 200, loaded.text
         assert [t["name"] for t in client.get("/tasks").json()["tasks"]] == ["shapes", "colours", "sizes"]
@@ -153,12 +177,15 @@ def test_a_task_added_at_run_time(task_bundles):
 def test_swaps_under_load_fail_no_request(tiny_bundles, tmp_path):
     """wrk on both variants while the fpet model is swapped between two versions again and again."""
     versions = [copy_bundle(tiny_bundles["fpet"], tmp_path / f"v{i}", f"version{i:05d}") for i in range(2)]
-    process, base = start_server(tiny_bundles, tmp_path, "--model-control-mode", "explicit",
-                                 env={"FPET_ADMIN_KEY": "admin-secret"})  # fmt: skip
+    process, base = start_server(
+        tiny_bundles, tmp_path, "--model-control-mode", "explicit", env={"FPET_ADMIN_KEY": "admin-secret"}
+    )
     try:
         image = jpeg()
-        cases = [Case("classify", model, f"{base}/models/{model}/classify", [image], {"Content-Type": "image/jpeg"})
-                 for model in ("fpet", "backbone")]  # fmt: skip
+        cases = [
+            Case("classify", model, f"{base}/models/{model}/classify", [image], {"Content-Type": "image/jpeg"})
+            for model in ("fpet", "backbone")
+        ]
         results, swaps = {}, []
 
         def load_wrk(case):
@@ -172,8 +199,12 @@ def test_swaps_under_load_fail_no_request(tiny_bundles, tmp_path):
         time.sleep(1)
         for i in range(6):
             started = time.perf_counter()
-            done = httpx.post(f"{base}/v2/repository/models/fpet/load", headers=ADMIN, timeout=60,
-                              json={"parameters": {"uri": str(versions[i % 2])}})  # fmt: skip
+            done = httpx.post(
+                f"{base}/v2/repository/models/fpet/load",
+                headers=ADMIN,
+                timeout=60,
+                json={"parameters": {"uri": str(versions[i % 2])}},
+            )
             assert done.status_code == 200, done.text
             swaps.append(time.perf_counter() - started)
         for thread in threads:

@@ -29,8 +29,10 @@ TASKS = {"shapes": ("a", "b", "c"), "colours": ("x", "y"), "sizes": ("p", "q", "
 def tuned_models(classes: list[int], method: str = "adaptformer", schedule: str = "6:0.5") -> list:
     """Models of one random backbone with their own random adapters, refinements and heads."""
     torch.manual_seed(0)
-    models = [create_model("vit_tiny_patch16_224", num_classes=c, img_size=32, method=method, schedule=schedule)
-              for c in classes]  # fmt: skip
+    models = [
+        create_model("vit_tiny_patch16_224", num_classes=c, img_size=32, method=method, schedule=schedule)
+        for c in classes
+    ]
     shared = {k: v for k, v in models[0].state_dict().items() if not any(p in k for p in ("adapter", "refine", "head"))}
     for model in models:
         model.load_state_dict(shared, strict=False)
@@ -76,8 +78,10 @@ def test_tasks_of_different_backbones_or_schedules_are_refused():
 def task_runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("tasks")
     weights = make_backbone(root / "backbone.safetensors")
-    runs = {name: make_run(root / name, labels=labels, seed=i, weights=weights) for i, (name, labels) in
-            enumerate(TASKS.items())}  # fmt: skip
+    runs = {
+        name: make_run(root / name, labels=labels, seed=i, weights=weights)
+        for i, (name, labels) in enumerate(TASKS.items())
+    }
     return root, runs
 
 
@@ -86,8 +90,9 @@ def multitask_bundles(task_runs):
     root, runs = task_runs
     tasks = [f"{name}={run}" for name, run in runs.items()]
     for variant in ("fpet", "backbone"):
-        done = run_fpet("export", "--tasks", *tasks, "--variant", variant, "--out", str(root / f"mt-{variant}"),
-                        home=root)  # fmt: skip
+        done = run_fpet(
+            "export", "--tasks", *tasks, "--variant", variant, "--out", str(root / f"mt-{variant}"), home=root
+        )
         assert done.returncode == 0, done.stderr
     singles = {}
     for name, run in runs.items():
@@ -136,8 +141,9 @@ def test_runs_that_cannot_share_a_graph_are_refused_naming_the_difference(task_r
     with pytest.raises(FpetError, match="differ in merge schedule"):
         export_multitask(parse_tasks([str(runs["shapes"]), f"u={other}"]), tmp_path / "out", log=lambda _: None)
     small = make_run(tmp_path / "small", img_size=32, weights=weights)
-    done = run_fpet("export", "--tasks", str(runs["shapes"]), f"s={small}", "--out", str(tmp_path / "out"),
-                    home=tmp_path)  # fmt: skip
+    done = run_fpet(
+        "export", "--tasks", str(runs["shapes"]), f"s={small}", "--out", str(tmp_path / "out"), home=tmp_path
+    )
     assert done.returncode != 0 and "differ in preprocessing" in done.stderr and "Traceback" not in done.stderr
     assert not (tmp_path / "out").exists()
     for bad, message in ((["a=x", "a=y"], "given twice"), (["fpet=x"], "variant's name"), (["a b=x"], "task name")):
@@ -159,8 +165,12 @@ def test_verification_refuses_a_graph_whose_banks_are_in_the_wrong_order(task_ru
 @pytest.fixture(scope="module", params=["onnxruntime", "openvino"])
 def client(request, multitask_bundles):
     bundles, _ = multitask_bundles
-    settings = Settings(bundles=[str(bundles["fpet"]), str(bundles["backbone"])], providers="cpu", max_batch_size=4,
-                        runtime=request.param)  # fmt: skip
+    settings = Settings(
+        bundles=[str(bundles["fpet"]), str(bundles["backbone"])],
+        providers="cpu",
+        max_batch_size=4,
+        runtime=request.param,
+    )
     with TestClient(create_app(settings), raise_server_exceptions=False) as client:
         client.runtime = request.param
         yield client
@@ -189,8 +199,9 @@ def test_each_task_answers_as_its_own_bundle_does(client, multitask_bundles):
                 assert result["predictions"][0]["score"] == pytest.approx(own["predictions"][0]["score"], abs=tolerance)
                 same = client.post(f"/classify?task={name}", content=body, headers={"Content-Type": "image/png"})
                 assert same.json()["predictions"] == result["predictions"]
-        backbone = client.post(f"/tasks/{name}/classify?model=backbone", content=photo(0),
-                               headers={"Content-Type": "image/png"})  # fmt: skip
+        backbone = client.post(
+            f"/tasks/{name}/classify?model=backbone", content=photo(0), headers={"Content-Type": "image/png"}
+        )
         assert backbone.status_code == 200 and backbone.json()["model"] == "backbone"
 
 
@@ -213,8 +224,10 @@ def test_task_routes_errors_listing_and_metrics(client):
     explained = client.post("/models/fpet/explain?task=sizes", content=photo(1), headers=png).json()
     assert len(explained["predictions"]) == 5 and explained["merges"]
     data = [base64.b64encode(photo(2)).decode()]
-    oip = {"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": data}],
-           "outputs": [{"name": "probabilities", "parameters": {"classification": 1}}]}  # fmt: skip
+    oip = {
+        "inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": data}],
+        "outputs": [{"name": "probabilities", "parameters": {"classification": 1}}],
+    }
     answer = client.post("/v2/models/colours/infer", json=oip)
     assert answer.status_code == 200, answer.text
     assert answer.json()["model_name"] == "colours" and answer.json()["outputs"][0]["data"][0].split(":")[2] in "xy"
@@ -270,8 +283,16 @@ def test_load_and_memory_benchmarks_on_a_real_server(multitask_bundles, tmp_path
 def test_int8_and_fp16_multitask_bundles_are_verified_per_task_and_check_themselves(task_runs, precision):
     root, runs = task_runs
     out = root / f"mt-{precision}"
-    done = run_fpet("export", "--tasks", *[f"{n}={r}" for n, r in runs.items()], "--precision", precision, "--out",
-                    str(out), home=root)  # fmt: skip
+    done = run_fpet(
+        "export",
+        "--tasks",
+        *[f"{n}={r}" for n, r in runs.items()],
+        "--precision",
+        precision,
+        "--out",
+        str(out),
+        home=root,
+    )
     assert done.returncode == 0, done.stderr
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["precision"] == precision and manifest["bundle_format"] == 7

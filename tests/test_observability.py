@@ -28,18 +28,34 @@ PARENT_ID = "b7ad6b7169203331"
 
 def test_json_logs_are_one_object_per_line_with_each_requests_fields(tiny_bundles, tmp_path):
     grpc_port = free_port()
-    process, base = start_server(tiny_bundles, tmp_path, "--log-format", "json", "--model-control-mode", "explicit",
-                                 "--grpc-port", str(grpc_port), env={"FPET_ADMIN_KEY": "k"})  # fmt: skip
+    process, base = start_server(
+        tiny_bundles,
+        tmp_path,
+        "--log-format",
+        "json",
+        "--model-control-mode",
+        "explicit",
+        "--grpc-port",
+        str(grpc_port),
+        env={"FPET_ADMIN_KEY": "k"},
+    )
     try:
         with grpcclient.InferenceServerClient(f"127.0.0.1:{grpc_port}") as client:
             client.infer("backbone", [image_input([jpeg()])], headers={"x-request-id": "req-grpc"})
-        ok = httpx.post(f"{base}/classify?model=backbone", content=jpeg(), headers={"Content-Type": "image/jpeg",
-                        "X-Request-Id": "req-ok"})  # fmt: skip
-        bad = httpx.post(f"{base}/classify", content=b"x", headers={"Content-Type": "text/plain",
-                         "X-Request-Id": "req-bad"})  # fmt: skip
+        ok = httpx.post(
+            f"{base}/classify?model=backbone",
+            content=jpeg(),
+            headers={"Content-Type": "image/jpeg", "X-Request-Id": "req-ok"},
+        )
+        bad = httpx.post(
+            f"{base}/classify", content=b"x", headers={"Content-Type": "text/plain", "X-Request-Id": "req-bad"}
+        )
         assert (ok.status_code, bad.status_code) == (200, 415)
-        failed = httpx.post(f"{base}/v2/repository/models/fpet/load", headers={"Authorization": "Bearer k"},
-                            json={"parameters": {"uri": str(tmp_path / "missing")}})  # fmt: skip
+        failed = httpx.post(
+            f"{base}/v2/repository/models/fpet/load",
+            headers={"Authorization": "Bearer k"},
+            json={"parameters": {"uri": str(tmp_path / "missing")}},
+        )
         assert failed.status_code == 400
     finally:
         process.terminate()
@@ -86,12 +102,19 @@ def test_spans_reach_an_otlp_receiver_in_the_callers_trace(tiny_bundles):
     server = ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     endpoint = f"http://127.0.0.1:{server.server_address[1]}/v1/traces"
-    settings = Settings(bundles=[str(tiny_bundles["fpet"]), str(tiny_bundles["backbone"])], providers="cpu",
-                        runtime="onnxruntime", otlp_endpoint=endpoint)  # fmt: skip
+    settings = Settings(
+        bundles=[str(tiny_bundles["fpet"]), str(tiny_bundles["backbone"])],
+        providers="cpu",
+        runtime="onnxruntime",
+        otlp_endpoint=endpoint,
+    )
     try:
         with TestClient(create_app(settings)) as client:
-            answer = client.post("/classify", content=jpeg(), headers={
-                "Content-Type": "image/jpeg", "traceparent": f"00-{TRACE_ID}-{PARENT_ID}-01"})  # fmt: skip
+            answer = client.post(
+                "/classify",
+                content=jpeg(),
+                headers={"Content-Type": "image/jpeg", "traceparent": f"00-{TRACE_ID}-{PARENT_ID}-01"},
+            )
             assert answer.status_code == 200
             assert client.get("/healthz").status_code == 200
         # leaving the client shuts the app down, which flushes the exporter
@@ -99,8 +122,13 @@ def test_spans_reach_an_otlp_receiver_in_the_callers_trace(tiny_bundles):
         server.shutdown()
     assert Receiver.received and all(p == "/v1/traces" for p, _, _ in Receiver.received)
     assert all(t == "application/x-protobuf" for _, t, _ in Receiver.received)
-    spans = [span for _, _, request in Receiver.received for rs in request.resource_spans for ss in rs.scope_spans
-             for span in ss.spans]  # fmt: skip
+    spans = [
+        span
+        for _, _, request in Receiver.received
+        for rs in request.resource_spans
+        for ss in rs.scope_spans
+        for span in ss.spans
+    ]
     resource = Receiver.received[0][2].resource_spans[0].resource
     assert {a.key: a.value.string_value for a in resource.attributes}["service.name"] == "fpet"
     root = next(s for s in spans if s.name == "POST /classify")
@@ -110,7 +138,9 @@ def test_spans_reach_an_otlp_receiver_in_the_callers_trace(tiny_bundles):
     assert attributes["http.response.status_code"].int_value == 200
     children = {s.name: s for s in spans if s.parent_span_id == root.span_id}
     assert set(children) == {"admission", "decode", "queue", "inference"}
-    assert all(root.start_time_unix_nano <= c.start_time_unix_nano <= c.end_time_unix_nano <= root.end_time_unix_nano
-               for c in children.values())  # fmt: skip
+    assert all(
+        root.start_time_unix_nano <= c.start_time_unix_nano <= c.end_time_unix_nano <= root.end_time_unix_nano
+        for c in children.values()
+    )
     assert children["queue"].end_time_unix_nano <= children["inference"].start_time_unix_nano + 1000
     assert any(s.name == "GET /healthz" and s.trace_id.hex() != TRACE_ID for s in spans)  # a new trace of its own

@@ -51,8 +51,9 @@ def client(server):
 
 def classify(server: str, image: bytes, model: str = "fpet", classes: int = 3) -> list[float]:
     """/classify's probabilities for one image, in class order."""
-    body = httpx.post(f"{server}/classify?model={model}&top_k={classes}", content=image,
-                      headers={"Content-Type": "image/png"}).json()  # fmt: skip
+    body = httpx.post(
+        f"{server}/classify?model={model}&top_k={classes}", content=image, headers={"Content-Type": "image/png"}
+    ).json()
     probabilities = [0.0] * classes
     for p in body["predictions"]:
         probabilities[p["index"]] = p["score"]
@@ -202,10 +203,14 @@ def parse(body_and_length: tuple[bytes, str | None], img_size: int = 4) -> oip.I
 
 def test_json_pixels_nested_or_flat_are_the_same():
     values = np.arange(48, dtype=np.float32).reshape(1, 3, 4, 4)
-    flat = parse(request([{"name": "pixel_values", "shape": [1, 3, 4, 4], "datatype": "FP32",
-                           "data": values.reshape(-1).tolist()}]))  # fmt: skip
-    nested = parse(request([{"name": "pixel_values", "shape": [1, 3, 4, 4], "datatype": "FP32",
-                             "data": values.tolist()}]))  # fmt: skip
+    flat = parse(
+        request(
+            [{"name": "pixel_values", "shape": [1, 3, 4, 4], "datatype": "FP32", "data": values.reshape(-1).tolist()}]
+        )
+    )
+    nested = parse(
+        request([{"name": "pixel_values", "shape": [1, 3, 4, 4], "datatype": "FP32", "data": values.tolist()}])
+    )
     np.testing.assert_array_equal(flat.pixels, values)
     np.testing.assert_array_equal(nested.pixels, values)
     assert [o.name for o in flat.outputs] == ["probabilities", "logits"] and not flat.outputs[0].binary
@@ -218,24 +223,46 @@ def test_json_pixels_nested_or_flat_are_the_same():
         ([{"name": "x", "shape": [1], "datatype": "BYTES", "data": ["AA=="]}], b"", "unknown input"),
         ([{"name": "image", "shape": [2], "datatype": "BYTES", "data": ["AA=="]}], b"", "carries 1 elements"),
         ([{"name": "image", "shape": [1], "datatype": "BYTES", "data": ["%%%"]}], b"", "not valid base64"),
-        ([{"name": "image", "shape": [1], "datatype": "BYTES", "parameters": {"binary_data_size": 6}}],
-         struct.pack("<I", 9) + b"ab", "runs past"),
-        ([{"name": "image", "shape": [1], "datatype": "BYTES", "parameters": {"binary_data_size": 5}}],
-         b"abc", "does not match"),
+        (
+            [{"name": "image", "shape": [1], "datatype": "BYTES", "parameters": {"binary_data_size": 6}}],
+            struct.pack("<I", 9) + b"ab",
+            "runs past",
+        ),
+        (
+            [{"name": "image", "shape": [1], "datatype": "BYTES", "parameters": {"binary_data_size": 5}}],
+            b"abc",
+            "does not match",
+        ),
         ([{"name": "image", "shape": [1], "datatype": "BYTES", "parameters": [1]}], b"", "must be an object"),
         ([{"name": "pixel_values", "shape": [1, 3, 4, 4], "datatype": "FP32", "data": [1.0] * 47}], b"", "carries 47"),
         ([{"name": "pixel_values", "shape": [1, 3, 4, 4], "datatype": "FP32", "data": ["x"] * 48}], b"", "numbers"),
-        ([{"name": "pixel_values", "shape": [1, 3, 4, 4], "datatype": "FP32", "data": [float("nan")] * 48}], b"",
-         "NaN"),
+        (
+            [{"name": "pixel_values", "shape": [1, 3, 4, 4], "datatype": "FP32", "data": [float("nan")] * 48}],
+            b"",
+            "NaN",
+        ),
         ([{"name": "pixel_values", "shape": [1, 3, 4, 4], "datatype": "FP16", "data": [0.0] * 48}], b"", "FP32"),
-        ([{"name": "pixel_values", "shape": [1, 3, 4, 4], "datatype": "FP32", "parameters": {"binary_data_size": 8}}],
-         b"\0" * 8, "8 bytes of binary data"),
+        (
+            [
+                {
+                    "name": "pixel_values",
+                    "shape": [1, 3, 4, 4],
+                    "datatype": "FP32",
+                    "parameters": {"binary_data_size": 8},
+                }
+            ],
+            b"\0" * 8,
+            "8 bytes of binary data",
+        ),
         ([{"name": "pixel_values", "shape": [2**62, 3, 4, 4], "datatype": "FP32", "data": [0.0]}], b"", "carries 1"),
         ([{"name": "image", "shape": "1", "datatype": "BYTES", "data": []}], b"", "shape"),
-        ([{"name": "pixel_values", "shape": [1, 3, 4, 4], "datatype": "FP32", "data": [10**400] * 48}], b"",
-         "float32's range"),
+        (
+            [{"name": "pixel_values", "shape": [1, 3, 4, 4], "datatype": "FP32", "data": [10**400] * 48}],
+            b"",
+            "float32's range",
+        ),
     ],
-)  # fmt: skip
+)
 def test_malformed_requests_are_400_with_a_reason(inputs, tail, message):
     with pytest.raises(ServiceError, match=message) as raised:
         parse(request(inputs, tail))
@@ -263,8 +290,10 @@ def test_headers_outputs_and_ids_are_checked():
 
 
 def test_binary_response_layout_is_what_triton_clients_read():
-    outputs = [{"name": "logits", "parameters": {"binary_data": True}},
-               {"name": "probabilities", "parameters": {"classification": 1, "binary_data": True}}]  # fmt: skip
+    outputs = [
+        {"name": "logits", "parameters": {"binary_data": True}},
+        {"name": "probabilities", "parameters": {"classification": 1, "binary_data": True}},
+    ]
     images = [{"name": "image", "shape": [2], "datatype": "BYTES", "data": ["AA==", "AQ=="]}]
     parsed = parse(request(images, outputs=outputs, id="r1"))
     logits = np.array([[1.0, 3.0, 2.0], [0.5, 0.1, 0.2]], dtype=np.float32)

@@ -63,8 +63,12 @@ def test_the_page_classifies_an_upload_and_shows_the_merges(page_server, browser
     wait_for(browser, "return document.getElementById('result').dataset.done === 'true'")
     wait_for(browser, "const o = document.getElementById('overlay'); return o.complete && o.naturalWidth > 0")
 
-    answer = httpx.post(f"{page_server}/classify/compare?top_k=5", content=photo.read_bytes(),
-                        headers={"Content-Type": "image/jpeg"}, timeout=30).json()  # fmt: skip
+    answer = httpx.post(
+        f"{page_server}/classify/compare?top_k=5",
+        content=photo.read_bytes(),
+        headers={"Content-Type": "image/jpeg"},
+        timeout=30,
+    ).json()
     for model in ("fpet", "backbone"):
         assert top1(browser, model) == answer["models"][model]["predictions"][0]["label"]
         shown = browser.find_elements(By.CSS_SELECTOR, f"#model-{model} .top li")

@@ -34,20 +34,40 @@ def test_compare_two_runs_on_the_same_images(tmp_path):
     data = make_image_folder(tmp_path / "data" / "train", per_class=12)
     make_image_folder(tmp_path / "data" / "test", per_class=4, seed=1)
     for name, schedule in (("a", "6:0.5"), ("b", "none")):
-        train(tiny_config(tmp_path / "data", tmp_path / name, schedule=schedule, epochs=1, test=False),
-              log=lambda _: None)  # fmt: skip
+        train(
+            tiny_config(tmp_path / "data", tmp_path / name, schedule=schedule, epochs=1, test=False), log=lambda _: None
+        )
     assert data.is_dir()
     out = tmp_path / "compare.json"
-    result = run_fpet("compare", "--a", str(tmp_path / "a"), "--b", str(tmp_path / "b"), "--data",
-                      str(tmp_path / "data"), "--out", str(out), home=tmp_path)  # fmt: skip
+    result = run_fpet(
+        "compare",
+        "--a",
+        str(tmp_path / "a"),
+        "--b",
+        str(tmp_path / "b"),
+        "--data",
+        str(tmp_path / "data"),
+        "--out",
+        str(out),
+        home=tmp_path,
+    )
     assert result.returncode == 0, result.stderr
     saved = json.loads(out.read_text())
     assert saved["bootstrap"]["images"] == 12 and len(saved["mcnemar"]) == 1
     assert saved["bootstrap"]["difference_points"] == pytest.approx(
         100 * (saved["accuracy_a"][0] - saved["accuracy_b"][0])
     )
-    bad = run_fpet("compare", "--a", str(tmp_path / "a"), "--b", str(tmp_path / "b"), str(tmp_path / "a"),
-                   "--data", str(tmp_path / "data"), home=tmp_path)  # fmt: skip
+    bad = run_fpet(
+        "compare",
+        "--a",
+        str(tmp_path / "a"),
+        "--b",
+        str(tmp_path / "b"),
+        str(tmp_path / "a"),
+        "--data",
+        str(tmp_path / "data"),
+        home=tmp_path,
+    )
     assert bad.returncode != 0 and "as many runs" in bad.stderr
 
 
@@ -67,6 +87,16 @@ def test_training_stores_per_image_test_results_that_compare_reuses(tmp_path):
     recomputed = run_fpet(*args, "--recompute", home=tmp_path)
     assert recomputed.returncode == 0 and "stored by training" not in recomputed.stderr
     assert json.loads(reused.stdout) == json.loads(recomputed.stdout)
-    other = run_fpet("compare", "--a", str(tmp_path / "a"), "--b", str(tmp_path / "b"), "--data",
-                     str(tmp_path / "data" / "."), "--split", "val", home=tmp_path)  # fmt: skip
+    other = run_fpet(
+        "compare",
+        "--a",
+        str(tmp_path / "a"),
+        "--b",
+        str(tmp_path / "b"),
+        "--data",
+        str(tmp_path / "data" / "."),
+        "--split",
+        "val",
+        home=tmp_path,
+    )
     assert "stored by training" not in other.stderr

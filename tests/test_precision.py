@@ -97,8 +97,11 @@ def test_openvino_bf16_keeps_the_matching_in_fp32_and_everything_the_tokens_pass
         return op.get_rt_info()["runtimePrecision"].astype(str)
 
     residual = re.compile(r"/blocks\.\d+/Add(_\d+)?")
-    tokens = [op for op in ops if kind(op) in ("MVN", "FullyConnected", "Subgraph", "MatMul")
-              or residual.fullmatch(op.get_friendly_name())]  # fmt: skip
+    tokens = [
+        op
+        for op in ops
+        if kind(op) in ("MVN", "FullyConnected", "Subgraph", "MatMul") or residual.fullmatch(op.get_friendly_name())
+    ]
     assert sum(kind(op) == "MVN" for op in tokens) == 2 * 12 + 1 and any(kind(op) == "MatMul" for op in tokens)
     widened = [f"{kind(op)} {op.get_friendly_name()}" for op in tokens if precision(op) != "bf16"]
     assert not widened, f"fp32 on the token path: {widened}"

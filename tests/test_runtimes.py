@@ -98,8 +98,11 @@ def test_what_no_bundle_can_change_is_refused_before_serving():
 
     check_available("auto", "auto", HASWELL)
     check_available("auto", "fp16", HASWELL)  # fp16 bundles on a GPU
-    for runtime, precision, message in [("onnxruntime", "bf16", "no bf16 kernels"), ("auto", "bf16", "AMX-BF16"),
-                                        ("openvino", "fp16", "AMX-FP16")]:  # fmt: skip
+    for runtime, precision, message in [
+        ("onnxruntime", "bf16", "no bf16 kernels"),
+        ("auto", "bf16", "AMX-BF16"),
+        ("openvino", "fp16", "AMX-FP16"),
+    ]:
         with pytest.raises(FpetError, match=message):
             check_available(runtime, precision, HASWELL)
     with pytest.raises(FpetError, match="leave precision at auto"):

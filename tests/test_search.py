@@ -41,9 +41,26 @@ def test_the_second_round_looks_between_the_best_hit_and_the_closest_miss():
 
 def test_search_writes_the_table_the_plot_and_a_choice_that_meets_the_budget(tmp_path):
     out = tmp_path / "search"
-    result = run_fpet("schedule", "search", "--backbone", "vit_tiny_patch16_224", "--img-size", "64", "--min-speedup",
-                      "1.2", "--no-train", "--candidates", "4", "--repeats", "1", "--threads", "1", "--out", str(out),
-                      home=tmp_path)  # fmt: skip
+    result = run_fpet(
+        "schedule",
+        "search",
+        "--backbone",
+        "vit_tiny_patch16_224",
+        "--img-size",
+        "64",
+        "--min-speedup",
+        "1.2",
+        "--no-train",
+        "--candidates",
+        "4",
+        "--repeats",
+        "1",
+        "--threads",
+        "1",
+        "--out",
+        str(out),
+        home=tmp_path,
+    )
     assert result.returncode == 0, result.stderr
     saved = json.loads((out / "schedules.json").read_text())
     assert saved["chosen"]["speedup"] >= 1.2 and saved["chosen"] in saved["rows"]
@@ -55,10 +72,37 @@ def test_search_writes_the_table_the_plot_and_a_choice_that_meets_the_budget(tmp
 def test_search_with_data_trains_the_most_promising_and_chooses_by_accuracy(tmp_path):
     data = make_image_folder(tmp_path / "data", per_class=8, size=64)
     out = tmp_path / "search"
-    result = run_fpet("schedule", "search", "--backbone", "vit_tiny_patch16_224", "--img-size", "64", "--max-gmacs",
-                      "0.08", "--data", str(data), "--weights", "random", "--epochs", "1", "--train-top", "2",
-                      "--train-size", "16", "--val-size", "8", "--candidates", "4", "--repeats", "1", "--threads", "1",
-                      "--out", str(out), home=tmp_path)  # fmt: skip
+    result = run_fpet(
+        "schedule",
+        "search",
+        "--backbone",
+        "vit_tiny_patch16_224",
+        "--img-size",
+        "64",
+        "--max-gmacs",
+        "0.08",
+        "--data",
+        str(data),
+        "--weights",
+        "random",
+        "--epochs",
+        "1",
+        "--train-top",
+        "2",
+        "--train-size",
+        "16",
+        "--val-size",
+        "8",
+        "--candidates",
+        "4",
+        "--repeats",
+        "1",
+        "--threads",
+        "1",
+        "--out",
+        str(out),
+        home=tmp_path,
+    )
     assert result.returncode == 0, result.stderr
     saved = json.loads((out / "schedules.json").read_text())
     trained = [row for row in saved["rows"] if "accuracy" in row]

@@ -44,8 +44,11 @@ def classify(client, model):
 
 
 def failures(client, model) -> float:
-    line = next(x for x in client.get("/metrics").text.splitlines()
-                if x.startswith(f'fpet_selfcheck_failures_total{{model="{model}"}}'))  # fmt: skip
+    line = next(
+        x
+        for x in client.get("/metrics").text.splitlines()
+        if x.startswith(f'fpet_selfcheck_failures_total{{model="{model}"}}')
+    )
     return float(line.split()[-1])
 
 
@@ -96,8 +99,9 @@ def test_selfcheck_off_serves_anyway_counted(tiny_bundles, tmp_path):
 def test_model_control_refuses_a_bundle_whose_self_check_fails(tiny_bundles, tmp_path):
     fpet = copy(tiny_bundles["fpet"], tmp_path / "fpet")
     tamper(fpet)
-    with served([tiny_bundles["fpet"], tiny_bundles["backbone"]], model_control_mode="explicit",
-                admin_key="admin") as client:  # fmt: skip
+    with served(
+        [tiny_bundles["fpet"], tiny_bundles["backbone"]], model_control_mode="explicit", admin_key="admin"
+    ) as client:
         loaded = client.post("/v2/repository/models/fpet/load", headers=ADMIN, json={"parameters": {"uri": str(fpet)}})
         assert loaded.status_code == 400 and "self-check failed" in loaded.json()["error"]
         assert client.get("/readyz").status_code == 200 and classify(client, "fpet").status_code == 200

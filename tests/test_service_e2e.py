@@ -27,8 +27,23 @@ def free_port() -> int:
 def start_server(bundles: dict, tmp_path, *extra: str, env: dict | None = None):
     port = free_port()
     log = open(tmp_path / f"serve-{port}.log", "w")  # noqa: SIM115 (the server process writes it while it runs)
-    cmd = [sys.executable, "-m", "cli.main", "serve", "--port", str(port), "--providers", "cpu", "--threads", "1",
-           "--bundle", str(bundles["fpet"]), "--bundle", str(bundles["backbone"]), *extra]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "cli.main",
+        "serve",
+        "--port",
+        str(port),
+        "--providers",
+        "cpu",
+        "--threads",
+        "1",
+        "--bundle",
+        str(bundles["fpet"]),
+        "--bundle",
+        str(bundles["backbone"]),
+        *extra,
+    ]
     process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
     base = f"http://127.0.0.1:{port}"
     for _ in range(300):
@@ -45,8 +60,9 @@ def start_server(bundles: dict, tmp_path, *extra: str, env: dict | None = None):
 
 
 def classify(base: str, model: str = "fpet") -> int:
-    return httpx.post(f"{base}/classify?model={model}", content=jpeg(), headers={"Content-Type": "image/jpeg"},
-                      timeout=30).status_code  # fmt: skip
+    return httpx.post(
+        f"{base}/classify?model={model}", content=jpeg(), headers={"Content-Type": "image/jpeg"}, timeout=30
+    ).status_code
 
 
 def metric_value(text: str, prefix: str) -> float:
@@ -141,8 +157,9 @@ def test_sigterm_answers_every_request_sent_or_refuses_its_connection(tiny_bundl
 
 
 def test_several_workers_share_one_metrics_view(tiny_bundles, tmp_path):
-    process, base = start_server(tiny_bundles, tmp_path, "--workers", "2",
-                                 env={"PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "prom")})  # fmt: skip
+    process, base = start_server(
+        tiny_bundles, tmp_path, "--workers", "2", env={"PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "prom")}
+    )
     try:
         for _ in range(20):  # new connections spread over both workers
             assert classify(base) == 200
@@ -166,7 +183,11 @@ def test_http_benchmark_drives_wrk_and_hey(server, tmp_path):
             pytest.skip(f"{client} is not installed (apt-get install {client})")
         rows = bench_http(server, [image], [1, 2], 1.0, ["backbone", "fpet"], client=client, repeats=2)
         assert [(r["model"], r["concurrency"], len(r["rounds"])) for r in rows] == [
-            ("backbone", 1, 2), ("fpet", 1, 2), ("backbone", 2, 2), ("fpet", 2, 2)]  # fmt: skip
+            ("backbone", 1, 2),
+            ("fpet", 1, 2),
+            ("backbone", 2, 2),
+            ("fpet", 2, 2),
+        ]
         assert all(r["ok"] > 0 and r["ok"] == r["requests"] and not r["errors"] for r in rows), (client, rows)
         assert all(r["server_cpu_ms_per_request"] > 0 for r in rows)
         assert "| classify | fpet | 2 |" in markdown(rows)
@@ -200,8 +221,10 @@ def test_a_client_that_leaves_mid_body_counts_as_499_not_as_a_server_error(serve
     before = httpx.get(f"{server}/metrics").text
     host, port = server.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port))) as sock:
-        sock.sendall(b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
-                     b"Content-Length: 100000\r\n\r\n" + b"\xff" * 1000)  # fmt: skip
+        sock.sendall(
+            b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
+            b"Content-Length: 100000\r\n\r\n" + b"\xff" * 1000
+        )
         time.sleep(0.3)  # admitted and reading
     for _ in range(50):
         after = httpx.get(f"{server}/metrics").text

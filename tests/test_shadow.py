@@ -17,8 +17,9 @@ from tests.test_decode import encode
 
 def photo(seed: int) -> bytes:
     image = Image.new("RGB", (48, 40))
-    image.putdata([((x * seed) % 256, (y * 7 + seed * 31) % 256, (x * y + seed) % 256) for y in range(40)
-                   for x in range(48)])  # fmt: skip
+    image.putdata(
+        [((x * seed) % 256, (y * 7 + seed * 31) % 256, (x * y + seed) % 256) for y in range(40) for x in range(48)]
+    )
     return encode(image, "PNG")
 
 
@@ -44,8 +45,12 @@ def settle(client) -> None:
 
 @pytest.fixture
 def client(tiny_bundles):
-    settings = Settings(bundles=[str(tiny_bundles["fpet"]), str(tiny_bundles["backbone"])], providers="cpu",
-                        runtime="onnxruntime", shadow_rate=1.0)  # fmt: skip
+    settings = Settings(
+        bundles=[str(tiny_bundles["fpet"]), str(tiny_bundles["backbone"])],
+        providers="cpu",
+        runtime="onnxruntime",
+        shadow_rate=1.0,
+    )
     with TestClient(create_app(settings)) as client:
         yield client
 
@@ -61,8 +66,12 @@ def test_shadow_agreement_matches_a_direct_comparison(client):
     agreed, disagreed = agree(client, "true") - before[0], agree(client, "false") - before[1]
     direct = []
     for image in images:
-        tops = [client.post(f"/models/{m}/classify", content=image, headers={"Content-Type": "image/png"}).json()[
-            "predictions"][0]["index"] for m in ("fpet", "backbone")]  # fmt: skip
+        tops = [
+            client.post(f"/models/{m}/classify", content=image, headers={"Content-Type": "image/png"}).json()[
+                "predictions"
+            ][0]["index"]
+            for m in ("fpet", "backbone")
+        ]
         direct.append(tops[0] == tops[1])
     assert agreed == sum(direct) and disagreed == len(direct) - sum(direct)
     dropped = {k: v - before[2].get(k, 0) for k, v in counts(client).items() if k.startswith("fpet_shadow_dropped")}
@@ -76,8 +85,13 @@ def test_a_reference_that_is_the_same_model_agrees_on_every_image(tiny_bundles, 
     shutil.copytree(tiny_bundles["fpet"], twin)
     manifest = json.loads((twin / "manifest.json").read_text())
     (twin / "manifest.json").write_text(json.dumps({**manifest, "variant": "twin"}))
-    settings = Settings(bundles=[str(tiny_bundles["fpet"]), str(twin)], providers="cpu", runtime="onnxruntime",
-                        shadow_rate=1.0, shadow_reference="twin")  # fmt: skip
+    settings = Settings(
+        bundles=[str(tiny_bundles["fpet"]), str(twin)],
+        providers="cpu",
+        runtime="onnxruntime",
+        shadow_rate=1.0,
+        shadow_reference="twin",
+    )
     with TestClient(create_app(settings)) as client:
         key = 'fpet_shadow_requests_total{agree="%s",model="fpet",reference="twin"}'
         before = {v: counts(client).get(key % v, 0) for v in ("true", "false")}
@@ -100,8 +114,12 @@ def test_shadow_work_is_dropped_when_busy_and_every_request_is_accounted_for(cli
     assert counts(client)[busy] - start[0] == 1
     client.portal.call(ticket.release)
     with ThreadPoolExecutor(6) as pool:
-        codes = list(pool.map(lambda i: client.post("/classify", content=photo(i), headers={
-            "Content-Type": "image/png"}).status_code, range(36)))  # fmt: skip
+        codes = list(
+            pool.map(
+                lambda i: client.post("/classify", content=photo(i), headers={"Content-Type": "image/png"}).status_code,
+                range(36),
+            )
+        )
     settle(client)
     assert codes == [200] * 36
     shadowed = agree(client, "true") + agree(client, "false") - start[1]

@@ -86,8 +86,9 @@ def test_training_with_a_warm_start_and_a_teacher_writes_a_run_that_records_them
 
 def test_a_warm_start_without_updates_keeps_the_source_tensors(data, source, tmp_path):
     """With a vanishing learning rate, what the run writes is what it started from: the source run."""
-    cfg = tiny_config(data, tmp_path / "same", schedule="none", epochs=1, lr=1e-12, warmup_lr=1e-12, min_lr=0,
-                      init_from=str(source))  # fmt: skip
+    cfg = tiny_config(
+        data, tmp_path / "same", schedule="none", epochs=1, lr=1e-12, warmup_lr=1e-12, min_lr=0, init_from=str(source)
+    )
     metrics = train(cfg, log=quiet)
     before = checkpoint.read_adapters(source)
     after = checkpoint.read_adapters(tmp_path / "same")
@@ -115,8 +116,12 @@ def test_a_teacher_or_source_that_does_not_fit_is_a_one_line_error(data, source,
 
 @pytest.mark.parametrize("flag", ["init_from", "teacher"])
 def test_other_labels_are_refused(data, source, tmp_path, flag):
-    cfg = tiny_config(data, tmp_path / "run", label_groups=(("red", ("class_0",)), ("rest", ("class_1", "class_2"))),
-                      **{flag: str(source)})  # fmt: skip
+    cfg = tiny_config(
+        data,
+        tmp_path / "run",
+        label_groups=(("red", ("class_0",)), ("rest", ("class_1", "class_2"))),
+        **{flag: str(source)},
+    )
     with pytest.raises(FpetError, match="has labels"):
         train(cfg, log=quiet)
 

@@ -40,8 +40,9 @@ def test_layout_and_configs_parse_as_triton_model_config(repository):
         assert config.name == model.name and config.platform == "onnxruntime_onnx" and config.max_batch_size == 4
         assert [(i.name, list(i.dims)) for i in config.input] == [("pixel_values", [3, 64, 64])]
         assert [(o.name, list(o.dims), o.label_filename) for o in config.output] == [
-            ("logits", [3], "labels.txt"), ("probabilities", [3], "labels.txt")
-        ]  # fmt: skip
+            ("logits", [3], "labels.txt"),
+            ("probabilities", [3], "labels.txt"),
+        ]
         assert config.dynamic_batching.max_queue_delay_microseconds == 2000
         assert config.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_AUTO
         assert config.model_warmup[0].inputs["pixel_values"].zero_data
@@ -58,8 +59,9 @@ def test_graphs_run_with_the_declared_shapes_and_match_the_bundles(repository, t
         [declared] = config.input
         assert [i.name for i in session.get_inputs()] == [declared.name]
         assert sorted(o.name for o in session.get_outputs()) == sorted(o.name for o in config.output)
-        bundle = ort.InferenceSession(str(tiny_bundles[model.name.split("_")[0]] / "model.onnx"),
-                                      providers=["CPUExecutionProvider"])  # fmt: skip
+        bundle = ort.InferenceSession(
+            str(tiny_bundles[model.name.split("_")[0]] / "model.onnx"), providers=["CPUExecutionProvider"]
+        )
         for batch in (1, config.max_batch_size):
             x = rng.standard_normal((batch, *declared.dims)).astype(NUMPY[declared.data_type])
             results = dict(
@@ -105,14 +107,26 @@ def test_refusals_leave_things_as_they_were(tiny_bundles, tmp_path):
 
 def test_cli_writes_the_repository_or_one_error_line(tiny_bundles, tmp_path):
     run = tiny_bundles["fpet"].parent / "run"
-    done = run_fpet("export", str(run), "--out", str(tmp_path / "repo"), "--format", "triton", "--task", "t",
-                    home=tmp_path)  # fmt: skip
+    done = run_fpet(
+        "export", str(run), "--out", str(tmp_path / "repo"), "--format", "triton", "--task", "t", home=tmp_path
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == [str(tmp_path / "repo" / "fpet_t"), str(tmp_path / "repo" / "backbone_t")]
     assert json.loads((tmp_path / "repo" / ".fpet-triton.json").read_text())["models"] == ["fpet_t", "backbone_t"]
     done = run_fpet("export", str(run), "--out", str(tmp_path / "x"), "--format", "triton,onnx", home=tmp_path)
     assert done.returncode == 1 and done.stderr.strip().count("\n") == 0 and "give it alone" in done.stderr
     # --quantization reaches the Triton export too: static needs the run's data, which this run does not have
-    done = run_fpet("export", str(run), "--out", str(tmp_path / "int8"), "--format", "triton", "--precision", "int8",
-                    "--quantization", "static", home=tmp_path)  # fmt: skip
+    done = run_fpet(
+        "export",
+        str(run),
+        "--out",
+        str(tmp_path / "int8"),
+        "--format",
+        "triton",
+        "--precision",
+        "int8",
+        "--quantization",
+        "static",
+        home=tmp_path,
+    )
     assert done.returncode == 1 and "static quantization needs calibration images" in done.stderr, done.stderr

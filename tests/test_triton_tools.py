@@ -28,8 +28,18 @@ httpclient = pytest.importorskip("tritonclient.http", reason="pip install 'trito
 def endpoints(tiny_bundles, tmp_path_factory):
     """The server's HTTP base URL and gRPC address."""
     grpc_port = free_port()
-    flags = ("--max-images", "8", "--max-batch-size", "4", "--max-delay-ms", "3", "--max-queue-images", "40",
-             "--grpc-port", str(grpc_port))  # fmt: skip
+    flags = (
+        "--max-images",
+        "8",
+        "--max-batch-size",
+        "4",
+        "--max-delay-ms",
+        "3",
+        "--max-queue-images",
+        "40",
+        "--grpc-port",
+        str(grpc_port),
+    )
     process, base = start_server(tiny_bundles, tmp_path_factory.mktemp("tools"), *flags)
     yield {"http": base, "grpc": f"127.0.0.1:{grpc_port}"}
     process.terminate()
@@ -56,8 +66,11 @@ def test_the_server_lists_the_extensions_and_describes_each_model_as_triton_does
     assert inputs["image"]["data_type"] == "TYPE_STRING" and inputs["image"]["dims"] == [1]
     assert inputs["pixel_values"]["dims"] == [3, 64, 64] and all(i["optional"] for i in config["input"])
     assert {o["name"]: o["dims"] for o in config["output"]} == {"probabilities": [3], "logits": [3]}
-    assert config["dynamic_batching"] == {"preferred_batch_size": [4], "max_queue_delay_microseconds": 3000,
-                                          "default_queue_policy": {"max_queue_size": 40}}  # fmt: skip
+    assert config["dynamic_batching"] == {
+        "preferred_batch_size": [4],
+        "max_queue_delay_microseconds": 3000,
+        "default_queue_policy": {"max_queue_size": 40},
+    }
     assert config["instance_group"][0]["kind"] == "KIND_CPU" and config["instance_group"][0]["count"] == 1
     assert meta["versions"] == ["1"] and len(meta["bundle_version"]) >= 8
     assert httpx.get(f"{server}/v2/models/backbone/config").json()["name"] == "backbone"
@@ -70,14 +83,19 @@ def test_statistics_count_what_was_served(server):
     with httpclient.InferenceServerClient(server.removeprefix("http://")) as client:
         client.infer("fpet", [image_input(IMAGES[:3])])
         client.infer("fpet", [image_input(IMAGES[:1])])
-    assert httpx.post(f"{server}/classify?model=fpet", content=IMAGES[0],
-                      headers={"Content-Type": "image/png"}).status_code == 200  # fmt: skip
+    assert (
+        httpx.post(
+            f"{server}/classify?model=fpet", content=IMAGES[0], headers={"Content-Type": "image/png"}
+        ).status_code
+        == 200
+    )
     assert httpx.post(f"{server}/v2/models/fpet/infer", content=b"{").status_code == 400
     after = stats(server)
-    grew = {k: after["inference_stats"][k]["count"] - before["inference_stats"][k]["count"]
-            for k in ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output")}  # fmt: skip
-    assert grew == {"success": 3, "fail": 1, "queue": 3, "compute_input": 3, "compute_infer": 3,
-                    "compute_output": 3}  # fmt: skip
+    grew = {
+        k: after["inference_stats"][k]["count"] - before["inference_stats"][k]["count"]
+        for k in ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output")
+    }
+    assert grew == {"success": 3, "fail": 1, "queue": 3, "compute_input": 3, "compute_infer": 3, "compute_output": 3}
     assert after["inference_count"] - before["inference_count"] == 5
     assert after["execution_count"] > before["execution_count"]
     assert after["inference_stats"]["compute_infer"]["ns"] > before["inference_stats"]["compute_infer"]["ns"]
@@ -94,8 +112,9 @@ def perf_analyzer(*args: str) -> str:
         pytest.skip("perf_analyzer is not installed: run `make tools` (needs apt-get install libb64-0d)")
     env = {**os.environ, "LD_LIBRARY_PATH": str(PERF_ANALYZER / "lib")}
     # a fixed number of requests, no stabilisation: the test checks counting, not speed, on a shared machine
-    done = subprocess.run([str(binary), *args, "--request-count", "120"], capture_output=True, text=True, env=env,
-                          timeout=300)  # fmt: skip
+    done = subprocess.run(
+        [str(binary), *args, "--request-count", "120"], capture_output=True, text=True, env=env, timeout=300
+    )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     return done.stdout
 
@@ -115,8 +134,20 @@ def test_perf_analyzer_measures_pixel_values_and_the_server_side_counts_agree(en
     )
     before = stats(server)
     address = server.removeprefix("http://") if protocol == "http" else endpoints["grpc"]
-    output = perf_analyzer("-m", "fpet", "-i", protocol, "-u", address, "-b", str(batch), "--input-data", str(data),
-                           "--concurrency-range", "2")  # fmt: skip
+    output = perf_analyzer(
+        "-m",
+        "fpet",
+        "-i",
+        protocol,
+        "-u",
+        address,
+        "-b",
+        str(batch),
+        "--input-data",
+        str(data),
+        "--concurrency-range",
+        "2",
+    )
     client, served = reported(output, "Request count"), reported(output, "Successful request count")
     assert abs(client - served) <= 2, output
     assert reported(output, "Inference count") == pytest.approx(served * batch, abs=2 * batch), output

@@ -32,10 +32,23 @@ def make_image_folder(root: Path, per_class: int = 12, size: int = 32, seed: int
 
 def tiny_config(data: Path, out: Path, **overrides) -> TrainConfig:
     settings = dict(
-        data=str(data), out=str(out), weights="random", backbone="vit_tiny_patch16_224", method="adaptformer",
-        schedule="6:0.5", img_size=32, train_size=24, val_size=12, test=False, epochs=3, warmup_epochs=1,
-        batch_size=8, lr=3e-3, eval_every=1, device="cpu",
-    )  # fmt: skip
+        data=str(data),
+        out=str(out),
+        weights="random",
+        backbone="vit_tiny_patch16_224",
+        method="adaptformer",
+        schedule="6:0.5",
+        img_size=32,
+        train_size=24,
+        val_size=12,
+        test=False,
+        epochs=3,
+        warmup_epochs=1,
+        batch_size=8,
+        lr=3e-3,
+        eval_every=1,
+        device="cpu",
+    )
     settings.update(overrides)
     return TrainConfig(**settings)
 
@@ -43,8 +56,16 @@ def tiny_config(data: Path, out: Path, **overrides) -> TrainConfig:
 def make_run(path, method="adaptformer", schedule="6:0.5", img_size=64, seed=0, labels=("a", "b", "c"), weights=None):
     """A run folder with random (non-zero) trained tensors, as `fpet train` writes it, without the training. The
     backbone is random from `seed`, or read from a `weights` file (tasks of one backbone, see `make_backbone`)."""
-    cfg = TrainConfig(data="", out=str(path), weights=str(weights or "random"), backbone="vit_tiny_patch16_224",
-                      method=method, schedule=schedule, img_size=img_size, seed=seed)  # fmt: skip
+    cfg = TrainConfig(
+        data="",
+        out=str(path),
+        weights=str(weights or "random"),
+        backbone="vit_tiny_patch16_224",
+        method=method,
+        schedule=schedule,
+        img_size=img_size,
+        seed=seed,
+    )
     tensors, digest = checkpoint.read_weights(weights and Path(weights))
     config = _run_config(cfg, "vit_tiny_patch16_224", digest, PetConfig(method), Preprocessing(img_size), list(labels))
     model = checkpoint.build_model(config)

@@ -28,8 +28,13 @@ def evaluate_run(
     train = config["train"]
     if split not in ("train", "val", "test"):
         raise FpetError(f"unknown split {split!r}; choose train, val or test")
-    source = open_split(data, "test" if split == "test" else "train", fmt=data_format, classes=config["labels"],
-                        groups=label_groups(config))  # fmt: skip
+    source = open_split(
+        data,
+        "test" if split == "test" else "train",
+        fmt=data_format,
+        classes=config["labels"],
+        groups=label_groups(config),
+    )
     if source is None:
         raise FpetError(f"{data} has no {split} split")
     if source.classes != config["labels"]:

@@ -50,16 +50,27 @@ def lr_at(step: int, total: int, warmup: int, cfg: TrainConfig) -> float:
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
 
 
-def fit_probe(model: VisionTransformer, data: ImageSet, pre: Preprocessing, device: torch.device, steps: int = 100,
-              batch_size: int = 256, weight_decay: float = 1e-2) -> None:  # fmt: skip
+def fit_probe(
+    model: VisionTransformer,
+    data: ImageSet,
+    pre: Preprocessing,
+    device: torch.device,
+    steps: int = 100,
+    batch_size: int = 256,
+    weight_decay: float = 1e-2,
+) -> None:
     """Set the head to a multinomial logistic regression on the model's own features before fine-tuning (LP-FT):
     a short run then spends its steps on the adapters instead of on a random head (whose gradients also disturb
     the adapters early on). Features come from the model as it starts (adapters at their initial, near-identity
     state), with merging, in eval mode; L-BFGS, full batch."""
     model.eval()
     with torch.no_grad():
-        feats = torch.cat([model.forward_features(pre.to_input(data.pixels[i : i + batch_size].to(device)))[:, 0]
-                           for i in range(0, len(data), batch_size)])  # fmt: skip
+        feats = torch.cat(
+            [
+                model.forward_features(pre.to_input(data.pixels[i : i + batch_size].to(device)))[:, 0]
+                for i in range(0, len(data), batch_size)
+            ]
+        )
     labels = data.labels.to(device)
     head = torch.nn.Linear(feats.shape[1], model.num_classes).to(device)
     torch.nn.init.zeros_(head.weight)
@@ -157,14 +168,29 @@ def _run_config(cfg: TrainConfig, arch: str, sha: str | None, pet: PetConfig, pr
 
 def check_settings(cfg: TrainConfig) -> None:
     """Numbers that would train a broken model (NaN, negative sizes, no evaluation) are refused before any work."""
-    at_least_one = {"--epochs": cfg.epochs, "--batch-size": cfg.batch_size, "--eval-every": cfg.eval_every,
-                    "--eval-batch-size": cfg.eval_batch_size}  # fmt: skip
-    not_negative = {"--train-size": cfg.train_size, "--val-size": cfg.val_size, "--warmup-lr": cfg.warmup_lr,
-                    "--warmup-epochs": cfg.warmup_epochs, "--min-lr": cfg.min_lr,
-                    "--weight-decay": cfg.weight_decay}  # fmt: skip
+    at_least_one = {
+        "--epochs": cfg.epochs,
+        "--batch-size": cfg.batch_size,
+        "--eval-every": cfg.eval_every,
+        "--eval-batch-size": cfg.eval_batch_size,
+    }
+    not_negative = {
+        "--train-size": cfg.train_size,
+        "--val-size": cfg.val_size,
+        "--warmup-lr": cfg.warmup_lr,
+        "--warmup-epochs": cfg.warmup_epochs,
+        "--min-lr": cfg.min_lr,
+        "--weight-decay": cfg.weight_decay,
+    }
     not_negative["--distill-weight"] = cfg.distill_weight
-    numbers = {**at_least_one, **not_negative, "--lr": cfg.lr, "--scale": cfg.scale, "--drop-path": cfg.drop_path,
-               "--distill-temperature": cfg.distill_temperature}  # fmt: skip
+    numbers = {
+        **at_least_one,
+        **not_negative,
+        "--lr": cfg.lr,
+        "--scale": cfg.scale,
+        "--drop-path": cfg.drop_path,
+        "--distill-temperature": cfg.distill_temperature,
+    }
     for flag, value in numbers.items():
         if not math.isfinite(value):
             raise FpetError(f"{flag} must be a finite number, not {value}")
@@ -256,8 +282,9 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
     if cfg.teacher:
         start = time.monotonic()
         soft_targets = teacher_logits(cfg.teacher, run_config, train_set, pre, device, cfg.eval_batch_size)
-        say(f"teacher {cfg.teacher}: logits of the {len(train_set)} training images in "
-            f"{time.monotonic() - start:.1f} s")  # fmt: skip
+        say(
+            f"teacher {cfg.teacher}: logits of the {len(train_set)} training images in {time.monotonic() - start:.1f} s"
+        )
     if cfg.head_init == "probe" and not cfg.resume:
         start = time.monotonic()
         fit_probe(model, train_set, pre, device)

@@ -56,23 +56,33 @@ def warm_start(model: VisionTransformer, source_dir: str | Path, run_config: dic
     with torch.no_grad():
         for name, value in tensors.items():
             if params[name].shape != value.shape:
-                raise FpetError(f"--init-from {source_dir}: {name} has shape {tuple(value.shape)}, this run's is "
-                                f"{tuple(params[name].shape)}")  # fmt: skip
+                raise FpetError(
+                    f"--init-from {source_dir}: {name} has shape {tuple(value.shape)}, this run's is "
+                    f"{tuple(params[name].shape)}"
+                )
             params[name].copy_(value)
     return sorted(set(params) - set(tensors))
 
 
 @torch.no_grad()
-def teacher_logits(teacher_dir: str | Path, run_config: dict, data: ImageSet, pre: Preprocessing,
-                   device: torch.device, batch_size: int = 256) -> Tensor:  # fmt: skip
+def teacher_logits(
+    teacher_dir: str | Path,
+    run_config: dict,
+    data: ImageSet,
+    pre: Preprocessing,
+    device: torch.device,
+    batch_size: int = 256,
+) -> Tensor:
     """The teacher's logits for every training image, computed once: the images are not augmented, so every epoch
     would ask the same question. The teacher is freed afterwards."""
     config = checkpoint.read_config(teacher_dir)
     check_compatible(config, run_config, "--teacher", teacher_dir, same_pet=False)
     teacher, _ = checkpoint.load_run(teacher_dir)
     teacher.to(device).eval()
-    logits = [teacher(pre.to_input(data.pixels[i : i + batch_size].to(device))).float()
-              for i in range(0, len(data), batch_size)]  # fmt: skip
+    logits = [
+        teacher(pre.to_input(data.pixels[i : i + batch_size].to(device))).float()
+        for i in range(0, len(data), batch_size)
+    ]
     return torch.cat(logits).cpu() if logits else torch.empty(0, len(run_config["labels"]))
 
 

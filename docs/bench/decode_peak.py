@@ -34,6 +34,7 @@ if __name__ == "__main__":
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "big.webp"
         subprocess.run([sys.executable, "-c", MAKE, str(path)], check=True)
-        done = subprocess.run([sys.executable, "-c", CHILD, str(path)], capture_output=True, text=True, check=True,
-                              cwd=root)  # fmt: skip
+        done = subprocess.run(
+            [sys.executable, "-c", CHILD, str(path)], capture_output=True, text=True, check=True, cwd=root
+        )
         print(f"{path.stat().st_size} bytes on disk; peak RSS grew by {done.stdout.strip()} MB while decoding")

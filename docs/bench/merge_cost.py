@@ -45,8 +45,15 @@ export_onnx(model, {out!r}, torch.rand(2, 3, {size}, {size}), 17, maps=model.mer
 
 
 def export(tree: Path, out: Path, args: argparse.Namespace, schedule: str, free: bool = False) -> Path:
-    code = EXPORT.format(tree=str(tree), free=free, backbone=args.backbone, size=args.img_size, method=args.method,
-                         schedule=schedule, out=str(out))  # fmt: skip
+    code = EXPORT.format(
+        tree=str(tree),
+        free=free,
+        backbone=args.backbone,
+        size=args.img_size,
+        method=args.method,
+        schedule=schedule,
+        out=str(out),
+    )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=tree)
     return out
 
@@ -69,16 +76,21 @@ def main() -> None:
     parser.add_argument("--method", default="adaptformer")
     parser.add_argument("--schedule", default="6:0.5")
     parser.add_argument("--batch-sizes", default="1,8,32")
-    parser.add_argument("--setups", default="openvino:bf16",
-                        help="runtime:precision[:streams], comma-separated (streams: batches run at once)")  # fmt: skip
+    parser.add_argument(
+        "--setups",
+        default="openvino:bf16",
+        help="runtime:precision[:streams], comma-separated (streams: batches run at once)",
+    )
     parser.add_argument("--before-tree", type=Path, help="a checkout of the earlier graph's source")
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--seconds", type=float, default=0.3)
     args = parser.parse_args()
     folder = Path(tempfile.mkdtemp(prefix="merge-cost-"))
-    graphs = {"none": export(ROOT, folder / "none.onnx", args, "none"),
-              args.schedule: export(ROOT, folder / "fpet.onnx", args, args.schedule),
-              "free merge": export(ROOT, folder / "free.onnx", args, args.schedule, free=True)}  # fmt: skip
+    graphs = {
+        "none": export(ROOT, folder / "none.onnx", args, "none"),
+        args.schedule: export(ROOT, folder / "fpet.onnx", args, args.schedule),
+        "free merge": export(ROOT, folder / "free.onnx", args, args.schedule, free=True),
+    }
     if args.before_tree:
         graphs["before"] = export(args.before_tree.resolve(), folder / "before.onnx", args, args.schedule)
     print(
@@ -101,8 +113,11 @@ def main() -> None:
                     samples[name].append(1000 * elapsed / (count * batch))
             ms = {name: statistics.median(values) for name, values in samples.items()}
             cells = [f"{value:.2f} ({ms['none'] / value:.3f}x)" for value in ms.values()]
-            print(f"| {runtime} {precision}{f' {streams} streams' if streams > 1 else ''} | {batch} | "
-                  f"{' | '.join(cells)} |", flush=True)  # fmt: skip
+            print(
+                f"| {runtime} {precision}{f' {streams} streams' if streams > 1 else ''} | {batch} | "
+                f"{' | '.join(cells)} |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -41,8 +41,12 @@ def openvino_layers(model: Path, precision: str, feed: dict, runs: int) -> list[
     """(node, type, kernel, median ms) of every executed layer."""
     import openvino as ov
 
-    config = {"INFERENCE_PRECISION_HINT": {"bf16": "bf16", "fp32": "f32"}[precision], "PERF_COUNT": True,
-              "NUM_STREAMS": 1, "INFERENCE_NUM_THREADS": 2}  # fmt: skip
+    config = {
+        "INFERENCE_PRECISION_HINT": {"bf16": "bf16", "fp32": "f32"}[precision],
+        "PERF_COUNT": True,
+        "NUM_STREAMS": 1,
+        "INFERENCE_NUM_THREADS": 2,
+    }
     request = ov.Core().compile_model(str(model), "CPU", config).create_infer_request()
     times: dict[tuple[str, str, str], list[float]] = collections.defaultdict(list)
     for run in range(runs + 2):
@@ -96,15 +100,22 @@ def main() -> None:
     merge_block = next((m["merge_maps"]["points"][0]["block"] for m in manifests if m.get("merge_maps")), None)
     for bundle, manifest in zip(args.bundles, manifests, strict=True):
         size = manifest["img_size"]
-        feed = {manifest["input"]["name"]: np.random.default_rng(0).random((args.batch_size, 3, size, size),
-                                                                           dtype=np.float32)}  # fmt: skip
+        feed = {
+            manifest["input"]["name"]: np.random.default_rng(0).random(
+                (args.batch_size, 3, size, size), dtype=np.float32
+            )
+        }
         model = bundle / manifest["files"]["onnx"]
-        for name, layers in (("openvino bf16", openvino_layers(model, "bf16", feed, args.runs)),
-                             ("openvino fp32", openvino_layers(model, "fp32", feed, args.runs)),
-                             ("onnxruntime fp32", onnxruntime_layers(model, feed, args.runs))):  # fmt: skip
+        for name, layers in (
+            ("openvino bf16", openvino_layers(model, "bf16", feed, args.runs)),
+            ("openvino fp32", openvino_layers(model, "fp32", feed, args.runs)),
+            ("onnxruntime fp32", onnxruntime_layers(model, feed, args.runs)),
+        ):
             regions, types = summary(layers, merge_block)
-            print(f"\n{bundle} ({manifest['schedule']}), {name}, batch {args.batch_size}: "
-                  f"{sum(regions.values()):.2f} ms per batch in {len(layers)} layers")  # fmt: skip
+            print(
+                f"\n{bundle} ({manifest['schedule']}), {name}, batch {args.batch_size}: "
+                f"{sum(regions.values()):.2f} ms per batch in {len(layers)} layers"
+            )
             print("| region | ms |\n|---|---|\n" + "\n".join(f"| {k} | {v:.2f} |" for k, v in regions.items()))
             top = sorted(types.items(), key=lambda kv: -kv[1])[: args.top]
             print("| node type, precision | ms |\n|---|---|\n" + "\n".join(f"| {k} | {v:.2f} |" for k, v in top))

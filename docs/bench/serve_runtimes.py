@@ -31,8 +31,13 @@ CONFIGS = {"default": {}, "onnxruntime fp32": {"FPET_RUNTIME": "onnxruntime", "F
 
 def serve(env: dict[str, str], port: int, log: Path) -> subprocess.Popen:
     fpet = Path(sys.executable).parent / "fpet"
-    process = subprocess.Popen([str(fpet), "serve", "--port", str(port)], env={**os.environ, **env},
-                               stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=ROOT)  # fmt: skip
+    process = subprocess.Popen(
+        [str(fpet), "serve", "--port", str(port)],
+        env={**os.environ, **env},
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        cwd=ROOT,
+    )
     for _ in range(240):
         try:
             if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:

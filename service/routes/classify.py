@@ -48,12 +48,15 @@ async def classify_with(
         per_image = [top_predictions(r.logits, task.labels, top_k) for r in results]
         finished(request, model, start, t, served, len(results))
         return ClassifyResponse(
-            request_id=request.state.request_id, model=model, task=task.name,
+            request_id=request.state.request_id,
+            model=model,
+            task=task.name,
             model_version=runner.manifest["version"],
-            execution_provider=runner.provider, predictions=per_image[0],
+            execution_provider=runner.provider,
+            predictions=per_image[0],
             results=[ImageResult(image=i, predictions=p) for i, p in enumerate(per_image)],
             timing_ms=Timing(**request.state.timing),
-        )  # fmt: skip
+        )
 
 
 @router.post("/classify", summary="Classify an image", **DOC)
@@ -86,8 +89,13 @@ async def classify_task(
     return await classify_with(request, state, model or state.settings.default_model, top_k, task)
 
 
-@router.post("/classify/compare", summary="Every variant on the same image", responses=ERRORS,
-             openapi_extra=IMAGE_BODY, response_model=CompareResponse)  # fmt: skip
+@router.post(
+    "/classify/compare",
+    summary="Every variant on the same image",
+    responses=ERRORS,
+    openapi_extra=IMAGE_BODY,
+    response_model=CompareResponse,
+)
 async def compare(request: Request, state: StateDep, top_k: int = TOP_K, task: str | None = TASK) -> CompareResponse:
     """Counted in the request metrics under the model label `compare`."""
     start = time.perf_counter()
@@ -106,21 +114,23 @@ async def compare(request: Request, state: StateDep, top_k: int = TOP_K, task: s
             async def one(name: str):
                 runner = runners[name]
                 array = await in_decode_pool(state, runner.preprocess, image)
-                (result,) = await tickets[name].batcher.submit([array], deadline_of(request, state.settings, start),
-                                                               tickets[name], tasks[name].index)  # fmt: skip
+                (result,) = await tickets[name].batcher.submit(
+                    [array], deadline_of(request, state.settings, start), tickets[name], tasks[name].index
+                )
                 return name, runner, result
 
             done = await all_or_none([one(n) for n in runners])
         entries = {
             name: CompareEntry(
-                model_version=runner.manifest["version"], execution_provider=runner.provider,
+                model_version=runner.manifest["version"],
+                execution_provider=runner.provider,
                 predictions=top_predictions(result.logits, tasks[name].labels, top_k),
                 queue_ms=result.queue_seconds * 1000,
                 inference_ms_per_image=result.inference_seconds * 1000 / result.batch_size,
                 batch_size=result.batch_size,
             )
             for name, runner, result in done
-        }  # fmt: skip
+        }
         tops = {e.predictions[0].index for e in entries.values()}
         speedup = None
         if "fpet" in entries and "backbone" in entries:
@@ -128,6 +138,9 @@ async def compare(request: Request, state: StateDep, top_k: int = TOP_K, task: s
         timing = request.state.timing
         timing["total"] = (time.perf_counter() - start) * 1000
         return CompareResponse(
-            request_id=request.state.request_id, models=entries, top1_agreement=len(tops) == 1, speedup=speedup,
+            request_id=request.state.request_id,
+            models=entries,
+            top1_agreement=len(tops) == 1,
+            speedup=speedup,
             timing_ms={"decode": timing["decode"], "total": timing["total"]},
-        )  # fmt: skip
+        )

@@ -50,8 +50,9 @@ def wants_png(request: Request, format_: str | None) -> bool:
 async def acquire(state: State) -> None:
     """A free explain slot now, or a 429: explaining is for people looking at images, not for load."""
     if state.explain_slots.locked():
-        raise ServiceError(429, "overloaded", "an explanation is being computed; try again shortly",
-                           {"Retry-After": "1"})  # fmt: skip
+        raise ServiceError(
+            429, "overloaded", "an explanation is being computed; try again shortly", {"Retry-After": "1"}
+        )
     await state.explain_slots.acquire()
 
 
@@ -96,10 +97,17 @@ async def explain(
             return Response(picture, media_type=PNG)
         info = runner.merge_maps
         merges = [] if maps is None else [MergePoint(**p) for p in mergemap.plan_json(maps, info["points"])]
-        timing = {"decode": request.state.timing["decode"], "inference": inference,
-                  "total": (time.perf_counter() - start) * 1000}  # fmt: skip
+        timing = {
+            "decode": request.state.timing["decode"],
+            "inference": inference,
+            "total": (time.perf_counter() - start) * 1000,
+        }
         return ExplainResponse(
-            request_id=request.state.request_id, model=model, model_version=runner.manifest["version"],
-            predictions=top_predictions(logits, chosen.labels, top_k), grid=info and info["grid"], merges=merges,
+            request_id=request.state.request_id,
+            model=model,
+            model_version=runner.manifest["version"],
+            predictions=top_predictions(logits, chosen.labels, top_k),
+            grid=info and info["grid"],
+            merges=merges,
             timing_ms=timing,
-        )  # fmt: skip
+        )

@@ -19,8 +19,9 @@ async def healthz() -> dict:
     return {"status": "alive"}
 
 
-@router.get("/readyz", summary="Readiness: every model loaded and warm, not draining",
-            responses={503: {"model": ErrorBody}})  # fmt: skip
+@router.get(
+    "/readyz", summary="Readiness: every model loaded and warm, not draining", responses={503: {"model": ErrorBody}}
+)
 @router.get("/v2/health/ready", include_in_schema=False)
 async def readyz(state: StateDep) -> dict:
     state.check_serving()
@@ -29,8 +30,12 @@ async def readyz(state: StateDep) -> dict:
     return {"status": "ready", "models": {n: r.provider for n, r in state.runners.items()}}
 
 
-@router.get("/v2/models/{model}/ready", tags=["models"], summary="Model readiness (OIP v2)",
-            responses={404: {"model": ErrorBody}, 503: {"model": ErrorBody}})  # fmt: skip
+@router.get(
+    "/v2/models/{model}/ready",
+    tags=["models"],
+    summary="Model readiness (OIP v2)",
+    responses={404: {"model": ErrorBody}, 503: {"model": ErrorBody}},
+)
 @router.get("/v2/models/{model}/versions/{version}/ready", include_in_schema=False)
 async def model_ready(state: StateDep, model: str, version: str | None = None) -> dict:
     """A multi-task model's tasks are OIP models of their own (as for inference)."""
@@ -39,8 +44,12 @@ async def model_ready(state: StateDep, model: str, version: str | None = None) -
     return {"name": model, "ready": True}
 
 
-@router.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse,
-            responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}})  # fmt: skip
+@router.get(
+    "/metrics",
+    summary="Prometheus metrics",
+    response_class=PlainTextResponse,
+    responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
+)
 async def prometheus_metrics() -> Response:
     body, content_type = metrics.render()
     return Response(body, media_type=content_type)

@@ -23,24 +23,44 @@ def metadata(state: State, runner: ModelRunner, task: str | None = None) -> dict
     settings = state.settings
     classes = len(runner.task(task).labels) if task or not runner.tasks else m["num_classes"]
     return {
-        "name": task or runner.name, "versions": [oip.VERSION], "bundle_version": m["version"],
+        "name": task or runner.name,
+        "versions": [oip.VERSION],
+        "bundle_version": m["version"],
         "platform": "openvino" if runner.runtime == "openvino" else "onnxruntime_onnx",
-        "inputs": [{"name": oip.IMAGE, "datatype": "BYTES", "shape": [-1, 1]},
-                   {"name": oip.PIXELS, "datatype": "FP32", "shape": [-1, 3, size, size]}],
+        "inputs": [
+            {"name": oip.IMAGE, "datatype": "BYTES", "shape": [-1, 1]},
+            {"name": oip.PIXELS, "datatype": "FP32", "shape": [-1, 3, size, size]},
+        ],
         "outputs": [{"name": name, "datatype": "FP32", "shape": [-1, classes]} for name in oip.OUTPUTS],
-        "execution_provider": runner.provider, "requested_providers": runner.requested,
-        "provider_fallback": runner.fell_back, "precision": m["precision"], "runtime": runner.runtime,
-        "compute_precision": runner.precision, "runtime_reason": runner.runtime_reason,
-        "cpu_features": list(runner.cpu_features), "classes": classes,
-        "backbone": m["backbone"]["name"], "method": m["method"], "schedule": m["schedule"],
-        "tokens_per_block": m["tokens_per_block"], "gmacs_per_image": m["gmacs"], "gflops_per_image": 2 * m["gmacs"],
-        "preprocessing": m["preprocessing"], "ready": state.model_ready(runner.name),
-        "not_ready_reason": state.unready.get(runner.name), "selfcheck": runner.selfcheck,
-        "batcher": {"max_batch_size": state.max_batch(runner), "max_delay_ms": settings.max_delay_ms,
-                    "max_queue_images": settings.max_queue_images},
-        "load_seconds": runner.load_seconds, "warmup_seconds": runner.warmup_seconds,
-        "tasks": [t["name"] for t in m.get("tasks", [])] if task is None else None, "model": runner.name,
-    }  # fmt: skip
+        "execution_provider": runner.provider,
+        "requested_providers": runner.requested,
+        "provider_fallback": runner.fell_back,
+        "precision": m["precision"],
+        "runtime": runner.runtime,
+        "compute_precision": runner.precision,
+        "runtime_reason": runner.runtime_reason,
+        "cpu_features": list(runner.cpu_features),
+        "classes": classes,
+        "backbone": m["backbone"]["name"],
+        "method": m["method"],
+        "schedule": m["schedule"],
+        "tokens_per_block": m["tokens_per_block"],
+        "gmacs_per_image": m["gmacs"],
+        "gflops_per_image": 2 * m["gmacs"],
+        "preprocessing": m["preprocessing"],
+        "ready": state.model_ready(runner.name),
+        "not_ready_reason": state.unready.get(runner.name),
+        "selfcheck": runner.selfcheck,
+        "batcher": {
+            "max_batch_size": state.max_batch(runner),
+            "max_delay_ms": settings.max_delay_ms,
+            "max_queue_images": settings.max_queue_images,
+        },
+        "load_seconds": runner.load_seconds,
+        "warmup_seconds": runner.warmup_seconds,
+        "tasks": [t["name"] for t in m.get("tasks", [])] if task is None else None,
+        "model": runner.name,
+    }
 
 
 @router.get("/models", summary="Served models")
@@ -78,11 +98,17 @@ async def tasks(state: StateDep) -> dict:
     for runner in state.runners.values():
         for entry in runner.manifest.get("tasks", []):
             test = entry["source_run"].get("metrics", {}).get("test", {}).get("last", {})
-            task = found.setdefault(entry["name"], {
-                "name": entry["name"], "labels": runner.tasks[entry["name"]].labels,
-                "num_classes": entry["num_classes"], "test_accuracy": test.get("accuracy"),
-                "source_run": entry["source_run"]["sha256"][:12], "models": [],
-            })  # fmt: skip
+            task = found.setdefault(
+                entry["name"],
+                {
+                    "name": entry["name"],
+                    "labels": runner.tasks[entry["name"]].labels,
+                    "num_classes": entry["num_classes"],
+                    "test_accuracy": test.get("accuracy"),
+                    "source_run": entry["source_run"]["sha256"][:12],
+                    "models": [],
+                },
+            )
             task["models"].append(runner.name)
     return {"tasks": list(found.values())}
 
@@ -93,15 +119,26 @@ async def info(state: StateDep) -> dict:
 
     settings = state.settings
     return {
-        "name": "fpet", "version": fpet.__version__, "onnxruntime": onnxruntime.__version__,
-        "openvino": openvino_version(), "cpu_features": list(cpu_features()), "runtime": settings.runtime,
+        "name": "fpet",
+        "version": fpet.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "openvino": openvino_version(),
+        "cpu_features": list(cpu_features()),
+        "runtime": settings.runtime,
         "precision": settings.precision,
-        "available_providers": onnxruntime.get_available_providers(), "ready": state.ready,
-        "draining": state.draining, "reason": state.reason or None, "default_model": settings.default_model,
-        "limits": {"max_bytes": settings.max_bytes, "max_pixels": settings.max_pixels,
-                   "max_images": settings.max_images, "deadline_ms": settings.deadline_ms},
+        "available_providers": onnxruntime.get_available_providers(),
+        "ready": state.ready,
+        "draining": state.draining,
+        "reason": state.reason or None,
+        "default_model": settings.default_model,
+        "limits": {
+            "max_bytes": settings.max_bytes,
+            "max_pixels": settings.max_pixels,
+            "max_images": settings.max_images,
+            "deadline_ms": settings.deadline_ms,
+        },
         "models": {n: metadata(state, r) for n, r in state.runners.items()},
-    }  # fmt: skip
+    }
 
 
 def openvino_version() -> str | None:

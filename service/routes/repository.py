@@ -18,8 +18,12 @@ from service.state import State, StateDep
 async def check_admin(request: Request, state: StateDep) -> None:
     settings = state.settings
     if settings.model_control_mode != "explicit" or settings.admin_key is None:
-        raise ServiceError(403, "forbidden", "model control is off: start the service with --model-control-mode "
-                                             "explicit (FPET_MODEL_CONTROL_MODE) and FPET_ADMIN_KEY")  # fmt: skip
+        raise ServiceError(
+            403,
+            "forbidden",
+            "model control is off: start the service with --model-control-mode "
+            "explicit (FPET_MODEL_CONTROL_MODE) and FPET_ADMIN_KEY",
+        )
     auth = request.headers.get("authorization", "")
     if not auth.lower().startswith("bearer "):
         raise ServiceError(401, "unauthorized", "model control needs the admin key: Authorization: Bearer KEY")
@@ -28,9 +32,11 @@ async def check_admin(request: Request, state: StateDep) -> None:
 
 
 router = APIRouter(
-    prefix="/v2/repository", tags=["model control"], dependencies=[Depends(check_admin)],
+    prefix="/v2/repository",
+    tags=["model control"],
+    dependencies=[Depends(check_admin)],
     responses={401: {"model": ErrorBody}, 403: {"model": ErrorBody}},
-)  # fmt: skip
+)
 
 
 class IndexRequest(BaseModel):
@@ -39,8 +45,11 @@ class IndexRequest(BaseModel):
 
 class LoadParameters(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    uri: str | None = Field(None, description="a bundle folder, an archive path, file:// or http(s):// URI; "
-                                              "without it the model is loaded again from where it was")  # fmt: skip
+    uri: str | None = Field(
+        None,
+        description="a bundle folder, an archive path, file:// or http(s):// URI; "
+        "without it the model is loaded again from where it was",
+    )
 
 
 class LoadRequest(BaseModel):
@@ -56,15 +65,21 @@ async def index(state: StateDep, body: Annotated[IndexRequest | None, Body()] = 
     return repository.index(state, ready_only=body is not None and body.ready)
 
 
-@router.post("/models/{model}/load", summary="Load a model, or a new version of it, without a restart",
-             responses={400: {"model": ErrorBody}})  # fmt: skip
+@router.post(
+    "/models/{model}/load",
+    summary="Load a model, or a new version of it, without a restart",
+    responses={400: {"model": ErrorBody}},
+)
 async def load(state: StateDep, model: str, body: Annotated[LoadRequest | None, Body()] = None) -> dict:
     runner = await repository.load(state, model, (body or LoadRequest()).parameters.uri)
     return {**described(state, model), "load_seconds": runner.load_seconds, "warmup_seconds": runner.warmup_seconds}
 
 
-@router.post("/models/{model}/unload", summary="Stop serving a model once what it holds is answered",
-             responses={404: {"model": ErrorBody}})  # fmt: skip
+@router.post(
+    "/models/{model}/unload",
+    summary="Stop serving a model once what it holds is answered",
+    responses={404: {"model": ErrorBody}},
+)
 async def unload(state: StateDep, model: str) -> dict:
     await repository.unload(state, model)
     return described(state, model)

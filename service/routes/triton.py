@@ -28,8 +28,13 @@ def model_config(state: State, runner: ModelRunner, name: str) -> dict:
         "max_batch_size": settings.max_images,
         "input": [
             {"name": oip.IMAGE, "data_type": "TYPE_STRING", "format": "FORMAT_NONE", "dims": [1], "optional": True},
-            {"name": oip.PIXELS, "data_type": "TYPE_FP32", "format": "FORMAT_NCHW", "dims": [3, size, size],
-             "optional": True},
+            {
+                "name": oip.PIXELS,
+                "data_type": "TYPE_FP32",
+                "format": "FORMAT_NCHW",
+                "dims": [3, size, size],
+                "optional": True,
+            },
         ],
         "output": [{"name": output, "data_type": "TYPE_FP32", "dims": [classes]} for output in oip.OUTPUTS],
         "dynamic_batching": {
@@ -38,12 +43,16 @@ def model_config(state: State, runner: ModelRunner, name: str) -> dict:
             # the batcher counts queued images, Triton requests: a request has at least one image
             "default_queue_policy": {"max_queue_size": settings.max_queue_images},
         },
-        "instance_group": [{"name": runner.name, "kind": "KIND_GPU" if on_gpu else "KIND_CPU",
-                            "count": settings.instances}],
+        "instance_group": [
+            {"name": runner.name, "kind": "KIND_GPU" if on_gpu else "KIND_CPU", "count": settings.instances}
+        ],
         "model_transaction_policy": {"decoupled": False},
-        "parameters": {"schedule": {"string_value": m["schedule"]}, "precision": {"string_value": runner.precision},
-                       "execution_provider": {"string_value": runner.provider}},
-    }  # fmt: skip
+        "parameters": {
+            "schedule": {"string_value": m["schedule"]},
+            "precision": {"string_value": runner.precision},
+            "execution_provider": {"string_value": runner.provider},
+        },
+    }
 
 
 @router.get("/v2/models/{model}/config", summary="Model configuration (Triton's extension)", responses=NOT_FOUND)

@@ -30,14 +30,15 @@ GROUPS = {
     "AdaptFormer, 112 px": seeds("fashion_mnist_adaptformer", "models/fashion_mnist_adaptformer"),
     "AdaptFormer, 98 px": seeds("fashion_mnist_adaptformer98"),
     "AdaptFormer, 84 px": seeds("fashion_mnist_adaptformer84"),
-    "AdaptFormer + ToMe, same GMACs as 6:0.5": seeds("fashion_mnist_adaptformer_tome",
-                                                      "models/fashion_mnist_adaptformer_tome"),
+    "AdaptFormer + ToMe, same GMACs as 6:0.5": seeds(
+        "fashion_mnist_adaptformer_tome", "models/fashion_mnist_adaptformer_tome"
+    ),
     "FPET 6:0.5, paper recipe": seeds("fashion_mnist_fpet_adaptformer"),
     "FPET 6:0.5, warm start + distillation": seeds("fashion_mnist_fpet_warm", "models/fashion_mnist_fpet_adaptformer"),
     "FPET 3:0.5, warm start + distillation": seeds("fashion_mnist_fpet15_warm"),
     "FPET 3:0.5,4:0.5, paper recipe": seeds("fashion_mnist_fpet18_adaptformer"),
     "FPET 3:0.5,4:0.5, warm start + distillation": seeds("fashion_mnist_fpet18_warm"),
-}  # fmt: skip
+}
 
 PAIRS = [
     ("FPET 6:0.5, warm start + distillation", "AdaptFormer, 112 px"),
@@ -63,8 +64,13 @@ def accuracies(run: str) -> tuple[float, float, int]:
 
 def gmacs(run: str) -> float:
     config = json.loads((ROOT / run / "config.json").read_text())
-    found = describe(config["backbone"]["name"], method=config["method"], schedule=config["schedule"],
-                     img_size=config["preprocessing"]["img_size"], num_classes=len(config["labels"]))  # fmt: skip
+    found = describe(
+        config["backbone"]["name"],
+        method=config["method"],
+        schedule=config["schedule"],
+        img_size=config["preprocessing"]["img_size"],
+        num_classes=len(config["labels"]),
+    )
     return found["gmacs"]
 
 
@@ -80,8 +86,10 @@ def main() -> None:
         spread = f" ({statistics.stdev(last):.2f})" if len(last) > 1 else ""
         missing = "" if len(done) == len(runs) else f" ({len(done)} of {len(runs)} seeds)"
         best_cells = ", ".join(f"{x:.2f} (ep {r[2]})" for x, r in zip(best, rows, strict=True))
-        print(f"| {name}{missing} | {gmacs(done[0]):.3f} | {', '.join(f'{x:.2f}' for x in last)} | "
-              f"**{statistics.mean(last):.2f}**{spread} | {best_cells} | {statistics.mean(best):.2f} |")  # fmt: skip
+        print(
+            f"| {name}{missing} | {gmacs(done[0]):.3f} | {', '.join(f'{x:.2f}' for x in last)} | "
+            f"**{statistics.mean(last):.2f}**{spread} | {best_cells} | {statistics.mean(best):.2f} |"
+        )
     print()
     print("| A vs B | per seed: only A right / only B right, McNemar p | A - B per seed | pooled, bootstrap 95% |")
     print("|---|---|---|---|")
@@ -89,16 +97,20 @@ def main() -> None:
         a_runs, b_runs = GROUPS[a_name], GROUPS[b_name]
         if not all(finished(run) for run in a_runs + b_runs):
             continue
-        pairs = [(read_test_correct(ROOT / a, DATA), read_test_correct(ROOT / b, DATA))
-                 for a, b in zip(a_runs, b_runs, strict=True)]  # fmt: skip
+        pairs = [
+            (read_test_correct(ROOT / a, DATA), read_test_correct(ROOT / b, DATA))
+            for a, b in zip(a_runs, b_runs, strict=True)
+        ]
         tests = [mcnemar(a, b) for a, b in pairs]
         diffs = [100 * (sum(a) - sum(b)) / len(a) for a, b in pairs]
         pooled = paired_bootstrap(pairs)
         low, high = pooled["ci95_points"]
-        print(f"| {a_name} vs {b_name} | "
-              + "; ".join(f"{t['only_a_right']} / {t['only_b_right']}, p = {t['p_value']:.2g}" for t in tests)
-              + f" | {', '.join(f'{d:+.2f}' for d in diffs)} | **{pooled['difference_points']:+.2f}** "
-              f"[{low:+.2f}, {high:+.2f}] |")  # fmt: skip
+        print(
+            f"| {a_name} vs {b_name} | "
+            + "; ".join(f"{t['only_a_right']} / {t['only_b_right']}, p = {t['p_value']:.2g}" for t in tests)
+            + f" | {', '.join(f'{d:+.2f}' for d in diffs)} | **{pooled['difference_points']:+.2f}** "
+            f"[{low:+.2f}, {high:+.2f}] |"
+        )
 
 
 if __name__ == "__main__":
