@@ -9,6 +9,7 @@ import json
 import statistics
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -243,6 +244,33 @@ def bundle_predictions(
         predicted.append(logits.argmax(-1))
         truth.append(decoded.labels.numpy())
     return np.concatenate(predicted), np.concatenate(truth)
+
+
+def add_accuracy(rows: list[dict], data: Path, threads: int, log: Callable[[str], None] = print) -> None:
+    """Each bundle's accuracy per runtime and precision on every test image, and its top-1 agreement with the same
+    bundle in onnxruntime at the precision it was exported in."""
+    references: dict[str, tuple] = {}
+    found: dict[tuple[str, str, str], dict] = {}
+    for row in rows:
+        bundle, key = row["bundle"], (row["bundle"], row["runtime"], row["precision"])
+        if bundle not in references:
+            log(f"predictions of {bundle} (onnxruntime, its own precision) on {data} ...")
+            references[bundle] = bundle_predictions(Path(bundle), data, threads=threads)
+        if key not in found:
+            reference, truth = references[bundle]
+            predicted = reference
+            if row["runtime"] != "onnxruntime":
+                log(f"predictions of {bundle} ({row['runtime']} {row['precision']}) ...")
+                predicted, _ = bundle_predictions(
+                    Path(bundle), data, threads=threads, runtime=row["runtime"], precision=row["precision"]
+                )
+            found[key] = {
+                "split": "test",
+                "images": len(truth),
+                "accuracy": 100 * int((predicted == truth).sum()) / len(truth),
+                "top1_agreement": 100 * int((predicted == reference).sum()) / len(truth),
+            }
+        row["accuracy"] = found[key]
 
 
 def markdown(rows: list[dict]) -> str:

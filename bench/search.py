@@ -11,6 +11,7 @@ are trained briefly on the user's data and the most accurate (validation) within
 from __future__ import annotations
 
 import itertools
+import json
 import statistics
 import tempfile
 import time
@@ -145,6 +146,44 @@ def measure(
                 elapsed, runs = sample(run, x, min_seconds)
                 samples[spec].append(1000 * elapsed / (runs * batch_size))
     return {spec: statistics.median(values) for spec, values in samples.items()}
+
+
+def read_run(run: Path) -> tuple[str, int, str, int, dict]:
+    """Backbone, image size, method, class count and training settings of a trained run: its candidates are timed
+    and trained as it was."""
+    if not (run / "config.json").is_file():
+        raise FpetError(f"{run} is not a run folder (no config.json)")
+    config = json.loads((run / "config.json").read_text())
+    backbone, img_size = config["backbone"]["name"], config["preprocessing"]["img_size"]
+    return backbone, img_size, config["method"], len(config["labels"]), config["train"]
+
+
+def candidate_trainer(settings: dict, data: str, out: Path, epochs: int) -> Callable[[str], float]:
+    """Trains a candidate schedule briefly with the quick-training settings (a probe head and lr 2e-3, so a few
+    epochs start from a working classifier) and gives its last validation accuracy. `settings`: a run's training
+    settings, or the backbone, weights and split sizes to use."""
+    from training.config import TrainConfig
+    from training.loop import train
+
+    def trained(spec: str) -> float:
+        config = {
+            **settings,
+            "data": data,
+            "out": str(out / spec.replace(":", "_").replace("+", "-")),
+            "schedule": spec,
+            "epochs": epochs,
+            "warmup_epochs": min(settings.get("warmup_epochs", 1), max(epochs // 5, 1)),
+            "eval_every": epochs,
+            "test": False,
+            "resume": False,
+            "head_init": "probe",
+            "lr": 2e-3,
+        }
+        if not config.get("val_size"):
+            raise FpetError("choosing by accuracy needs validation images: give --val-size above 0")
+        return train(TrainConfig(**config), log=lambda _: None)["val"]["last"]
+
+    return trained
 
 
 def search(

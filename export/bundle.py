@@ -25,6 +25,16 @@ FORMATS = {"onnx": ONNX_FILE, "torchscript": TORCHSCRIPT_FILE}
 PRECISIONS = ("fp32", "fp16", "int8")
 
 
+def parse_formats(text: str | None, precision: str) -> tuple[str, ...]:
+    """Comma-separated formats; by default ONNX and TorchScript, ONNX alone for int8 (onnxruntime's quantized graph
+    has no TorchScript twin). `triton` stands alone: it writes a whole model repository, both variants included."""
+    default = "onnx" if precision == "int8" else "onnx,torchscript"
+    formats = tuple(f.strip() for f in (text or default).split(",") if f.strip())
+    if "triton" in formats and formats != ("triton",):
+        raise FpetError("--format triton writes a whole model repository: give it alone")
+    return formats
+
+
 def is_bundle(path: Path) -> bool:
     """A folder export wrote: its manifest names a bundle format. A `manifest.json` alone could be anyone's (a web
     app's), and export and pull replace bundles whole."""
