@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run bundles test lint format setup tools clean
+.PHONY: run bundles test lint docs format setup tools clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,11 +30,15 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/lint-imports
 
+# The documentation site (mkdocs.yml): --strict fails on a broken link or a page left out of the navigation.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
 # NVIDIA's perf_analyzer for the Triton-compatibility tests (needs Debian's libb64-0d; no GPU).
 tools: $(STAMP)
 	PIP=$(BIN)/pip ./bench/perf_analyzer.sh >/dev/null
 
-test: lint tools
+test: lint docs tools
 	$(BIN)/pytest
 
 format: $(STAMP)
@@ -42,4 +46,4 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix .
 
 clean:
-	rm -rf $(VENV) .tools .pytest_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) .tools .pytest_cache .ruff_cache *.egg-info build

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A copy of the team's ../shared/tools/docker-sandbox.sh, used by tests/test_docker.py where the checkout has no ../shared.
+# A copy of the team's ../shared/tools/docker-sandbox.sh, used by tests/system/test_docker.py where the checkout has no ../shared.
 # A real Docker engine on a machine that has none, for tests and CI on the team's machines.
 #
 #   eval "$(../shared/tools/docker-sandbox.sh)"      # start (or reuse) it; prints the exports to use it

@@ -72,7 +72,7 @@ STAGE_SECONDS = Histogram(
 )
 BATCH_SECONDS = Histogram(
     "fpet_batch_inference_duration_seconds",
-    "onnxruntime time per batch",
+    "Inference time per batch, from when it has a device slot (FPET_INSTANCES)",
     ["model", "provider"],
     buckets=LATENCY_BUCKETS,
 )

