@@ -19,12 +19,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
-from starlette.datastructures import MutableHeaders
+from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import fpet
 from service import lifecycle, metrics, shadow
+from service.context import RequestContext
 from service.errors import ServiceError
 from service.observed import observed, wanted
 from service.routes import classify, explain, health, models, oip, page, repository, triton
@@ -35,8 +36,13 @@ log = logging.getLogger("fpet.service")
 DOCS_ASSETS = "/docs/assets"  # Swagger UI served by the service itself: /docs works without internet
 
 
+def request_id_of(request: Request) -> str | None:
+    context = getattr(request.state, "context", None)
+    return context.request_id if context is not None else None
+
+
 def error_response(request: Request, status: int, error_type: str, message: str, headers=None) -> JSONResponse:
-    body = {"error": message, "error_type": error_type, "request_id": getattr(request.state, "request_id", None)}
+    body = {"error": message, "error_type": error_type, "request_id": request_id_of(request)}
     return JSONResponse(body, status_code=status, headers=headers)
 
 
@@ -58,7 +64,7 @@ def add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
-        rid = getattr(request.state, "request_id", None)
+        rid = request_id_of(request)
         log.exception("request %s failed", rid)
         return error_response(request, 500, "internal_error", f"internal error; quote request id {rid} to the operator")
 
@@ -77,11 +83,11 @@ def add_offline_docs(app: FastAPI) -> None:
         )
 
 
-class RequestContext:
-    """Request id and Server-Timing on every answer, `Connection: close` on every answer while draining, the
-    in-flight count the drain waits on, and, when asked for, the request's JSON access record and its trace. Plain
-    ASGI: Starlette's BaseHTTPMiddleware costs a task and a stream per request, which under overload is CPU taken
-    from inference."""
+class RequestContextMiddleware:
+    """Each request's context (service.context), made once as it arrives; the request id and Server-Timing on every
+    answer, `Connection: close` on every answer while draining, the in-flight count the drain waits on, and, when
+    asked for, the request's JSON access record and its trace. Plain ASGI: Starlette's BaseHTTPMiddleware costs a
+    task and a stream per request, which under overload is CPU taken from inference."""
 
     def __init__(self, app: ASGIApp, state: State):
         self.app, self.state = app, state
@@ -90,14 +96,17 @@ class RequestContext:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        incoming = next((v for k, v in scope["headers"] if k == b"x-request-id"), b"").decode("latin-1")
+        headers = Headers(scope=scope)
+        incoming = headers.get("x-request-id", "")
         request_id = incoming if 0 < len(incoming) <= 128 and incoming.isprintable() else uuid.uuid4().hex
-        timing: dict[str, float] = {}
-        context = {"request_id": request_id, "timing": timing}
-        if self.state.tracer is not None:
-            context["marks"] = []  # the stages, as service.pipeline.mark records them
-        scope.setdefault("state", {}).update(context)
-        start = time.perf_counter()
+        context = RequestContext(
+            request_id,
+            headers,
+            self.state.settings.deadline_ms,
+            marks=[] if self.state.tracer is not None else None,
+        )
+        scope.setdefault("state", {})["context"] = context
+        timing, start = context.timing, context.start
         answer = {"status": 500, "bytes": 0}
 
         async def send_with_context(message: Message) -> None:
@@ -120,27 +129,25 @@ class RequestContext:
         finally:
             self.state.in_flight -= 1
             if wanted(self.state):
-                self.record(scope, start, answer)
+                self.record(scope, context, answer)
 
-    def record(self, scope: Scope, start: float, answer: dict) -> None:
-        state = scope["state"]
+    def record(self, scope: Scope, context: RequestContext, answer: dict) -> None:
         route = scope.get("route")
         fields = {
-            "request_id": state["request_id"],
+            "request_id": context.request_id,
             "method": scope["method"],
             "route": getattr(route, "path", None) or scope["path"],
             "path": scope["path"],
-            "model": state.get("model"),
-            "task": state.get("task"),
+            "model": context.model,
+            "task": context.task,
             "status": answer["status"],
             "bytes": answer["bytes"],
-            "stages_ms": {k: round(v, 3) for k, v in state["timing"].items() if k != "total"},
+            "stages_ms": {k: round(v, 3) for k, v in context.timing.items() if k != "total"},
             "client": f"{scope['client'][0]}:{scope['client'][1]}" if scope.get("client") else None,
         }
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
-        observed(
-            self.state, fields, headers, start, time.perf_counter(), state.get("marks", []), answer["status"] >= 500
-        )
+        end = time.perf_counter()
+        observed(self.state, fields, headers, context.start, end, context.marks or [], answer["status"] >= 500)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -192,7 +199,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.fpet = state
 
-    app.add_middleware(RequestContext, state=state)
+    app.add_middleware(RequestContextMiddleware, state=state)
     add_error_handlers(app)
     for router in (
         classify.router,

@@ -9,7 +9,6 @@ import asyncio
 import logging
 import time
 import uuid
-from types import SimpleNamespace
 
 import grpc
 import numpy as np
@@ -19,11 +18,13 @@ from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 
 import fpet
 from service import inference, oip
+from service.context import RequestContext
 from service.errors import ServiceError
 from service.observed import observed, wanted
 from service.routes.models import metadata
 from service.routes.triton import model_config
 from service.runtime import ModelRunner, Task
+from service.settings import Settings
 from service.state import State
 
 log = logging.getLogger("fpet.service")
@@ -43,35 +44,31 @@ CODES = {
 }
 
 
-class Call:
-    """What the request pipeline reads of an HTTP request, from a gRPC call: its metadata as headers (the API key,
-    a timeout) with the call's own deadline as X-Request-Timeout-Ms, and where the stage timings go."""
+def call_context(call: grpc.aio.ServicerContext, settings: Settings) -> RequestContext:
+    """A gRPC call's request context: its metadata as headers (the API key, a request id) with the call's own deadline
+    as X-Request-Timeout-Ms."""
+    headers = {key.lower(): value for key, value in call.invocation_metadata() or () if isinstance(value, str)}
+    remaining = call.time_remaining()
+    if remaining is not None:
+        headers["x-request-timeout-ms"] = str(max(remaining, 0.0) * 1000)
+    request_id = headers.get("x-request-id") or uuid.uuid4().hex
+    return RequestContext(request_id, headers, settings.deadline_ms, marks=[])
 
-    def __init__(self, context: grpc.aio.ServicerContext):
-        self.headers = {
-            key.lower(): value for key, value in context.invocation_metadata() or () if isinstance(value, str)
-        }
-        remaining = context.time_remaining()
-        if remaining is not None:
-            self.headers["x-request-timeout-ms"] = str(max(remaining, 0.0) * 1000)
-        self.state = SimpleNamespace(
-            timing={}, request_id=self.headers.get("x-request-id") or uuid.uuid4().hex, marks=[], model=None, task=None
-        )
 
-    def fields(self, context: grpc.aio.ServicerContext, status: grpc.StatusCode, response) -> dict:
-        """The call's access record, in the fields an HTTP request's has (service.observed)."""
-        return {
-            "request_id": self.state.request_id,
-            "method": "gRPC",
-            "route": ROUTE,
-            "path": ROUTE,
-            "model": self.state.model,
-            "task": self.state.task,
-            "status": status.name,
-            "bytes": response.ByteSize() if response is not None else 0,
-            "stages_ms": {k: round(v, 3) for k, v in self.state.timing.items() if k != "total"},
-            "client": context.peer(),
-        }
+def access_fields(context: RequestContext, call: grpc.aio.ServicerContext, status: grpc.StatusCode, response) -> dict:
+    """The call's access record, in the fields an HTTP request's has (service.observed)."""
+    return {
+        "request_id": context.request_id,
+        "method": "gRPC",
+        "route": ROUTE,
+        "path": ROUTE,
+        "model": context.model,
+        "task": context.task,
+        "status": status.name,
+        "bytes": response.ByteSize() if response is not None else 0,
+        "stages_ms": {k: round(v, 3) for k, v in context.timing.items() if k != "total"},
+        "client": call.peer(),
+    }
 
 
 def parse_infer(message: service_pb2.ModelInferRequest, img_size: int) -> oip.InferRequest:
@@ -186,7 +183,7 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
         return index
 
     async def ModelInfer(self, request, context):
-        call = Call(context)
+        call = call_context(context, self.state.settings)
 
         async def read(runner: ModelRunner) -> oip.InferRequest:
             return parse_infer(request, runner.img_size)
@@ -197,7 +194,7 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
         async def run() -> service_pb2.ModelInferResponse:
             self.state.in_flight += 1  # the drain waits for gRPC calls as for HTTP requests
             self.state.last_arrival = time.monotonic()
-            start, status, response = time.perf_counter(), grpc.StatusCode.OK, None
+            status, response = grpc.StatusCode.OK, None
             try:
                 response = await inference.infer(
                     call, self.state, request.model_name, request.model_version or None, read, answer
@@ -212,15 +209,9 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
             finally:
                 self.state.in_flight -= 1
                 if wanted(self.state):
-                    observed(
-                        self.state,
-                        call.fields(context, status, response),
-                        call.headers,
-                        start,
-                        time.perf_counter(),
-                        call.state.marks,
-                        status == grpc.StatusCode.INTERNAL,
-                    )
+                    fields = access_fields(call, context, status, response)
+                    failed = status == grpc.StatusCode.INTERNAL
+                    observed(self.state, fields, call.headers, call.start, time.perf_counter(), call.marks, failed)
 
         return await self.answer(context, run)
 

@@ -17,7 +17,7 @@ def observed(
     failed: bool,
 ) -> None:
     """`fields`: the access record's (request_id, method, route, path, model, task, status, bytes, client, stages_ms);
-    `marks`: the stages as service.pipeline.mark recorded them."""
+    `marks`: the stages as RequestContext.mark recorded them."""
     if state.settings.log_format == "json":
         logs.access({**fields, "duration_ms": round((end - start) * 1000, 3)})
     if state.tracer is not None:

@@ -11,7 +11,7 @@ import hmac
 import json
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -24,6 +24,7 @@ from starlette.requests import ClientDisconnect
 
 from service import metrics
 from service.batcher import Result, Ticket
+from service.context import RequestContext
 from service.decode import CONTENT_TYPES, decode_image
 from service.errors import ServiceError
 from service.recent import RECENT
@@ -36,12 +37,12 @@ from service.statistics import Statistics
 T = TypeVar("T")
 
 
-def check_key(request: Request, settings: Settings) -> None:
+def check_key(headers: Mapping[str, str], settings: Settings) -> None:
     key = settings.api_key
     if key is None:
         return
-    given = request.headers.get("x-api-key") or ""
-    auth = request.headers.get("authorization", "")
+    given = headers.get("x-api-key") or ""
+    auth = headers.get("authorization", "")
     if auth.lower().startswith("bearer "):
         given = auth[7:].strip()
     if not hmac.compare_digest(given.encode(), key.get_secret_value().encode()):
@@ -58,11 +59,13 @@ class Served:
 
 @contextlib.contextmanager
 def accounted(
-    model: str, provider: str, start: float, task: str | None = None, stats: Statistics | None = None
+    context: RequestContext, provider: str, stats: Statistics | None = None, label: str | None = None
 ) -> Iterator[Served]:
-    """Every request to a model counts once: in flight while it runs, then its code (499: cancelled, never answered),
-    error reason and latency (by task too for a multi-task model's; `task` must be one the model serves, so the label
-    set stays closed), and in Triton's statistics when `stats` is given."""
+    """Every request to a model counts once, under the context's model (or `label`: compare, explain): in flight
+    while it runs, then its code (499: cancelled, never answered), error reason and latency (by task too for a
+    multi-task model's; the task must be one the model serves, so the label set stays closed), and in Triton's
+    statistics when `stats` is given."""
+    model, task, start = label or context.model, context.task, context.start
     metrics.IN_FLIGHT.labels(model).inc()
     code, reason = 200, None
     served = Served()
@@ -93,27 +96,20 @@ def accounted(
 
 
 @contextlib.asynccontextmanager
-async def admitted(request: Request, state: State, model: str) -> AsyncIterator[Ticket]:
+async def admitted(context: RequestContext, state: State, model: str) -> AsyncIterator[Ticket]:
     """Key, readiness and a place in the model's queue, all before the body is read: overload costs a 429 only."""
-    check_key(request, state.settings)
+    check_key(context.headers, state.settings)
     state.check_serving(model)
     batcher = state.batchers.get(model)
     if batcher is None:  # unloaded (model control) while the request was on its way here
         raise ServiceError(404, "model_not_found", f"no model {model!r}; served: {', '.join(state.batchers)}")
     start = time.perf_counter()
     ticket = await batcher.admit(state.settings.admission_wait_ms / 1000)
-    mark(request, "admission", start)
+    context.mark("admission", start)
     try:
         yield ticket
     finally:
         ticket.release()
-
-
-def mark(request: Request, stage: str, start: float, end: float | None = None) -> None:
-    """A stage of the request, for its trace (tracing.Tracer); a no-op for callers that record none (gRPC)."""
-    marks = getattr(request.state, "marks", None)
-    if marks is not None:
-        marks.append((stage, start, time.perf_counter() if end is None else end))
 
 
 def is_byte_count(value: str) -> bool:
@@ -188,17 +184,6 @@ async def read_images(request: Request, settings: Settings) -> list[bytes]:
     )
 
 
-def deadline_of(request: Request, settings: Settings, start: float) -> float:
-    budget = settings.deadline_ms
-    asked = request.headers.get("x-request-timeout-ms")
-    if asked is not None:
-        try:
-            budget = min(budget, float(asked))
-        except ValueError:
-            raise ServiceError(400, "invalid_request", "X-Request-Timeout-Ms must be a number") from None
-    return start + budget / 1000
-
-
 def each_decoded(raw: list[bytes], settings: Settings, size: int, deadline: float) -> Iterator[Image.Image]:
     """A request's images as RGB, decoded at (at least) `size`, one at a time (so a request never holds more than one
     at full size) and within the request's pixel budget; past the deadline no more is decoded. In a worker thread."""
@@ -211,18 +196,18 @@ def each_decoded(raw: list[bytes], settings: Settings, size: int, deadline: floa
         yield image
 
 
-async def decoded(request: Request, state: State, raw: list[bytes], size: int, deadline: float) -> list:
+async def decoded(context: RequestContext, state: State, raw: list[bytes], size: int) -> list:
     """Decoded images, in the decode pool: as many requests decode at once as there are cores."""
 
     def work() -> list:
         t = time.perf_counter()
-        images = list(each_decoded(raw, state.settings, size, deadline))
-        request.state.timing["decode"] = (time.perf_counter() - t) * 1000
+        images = list(each_decoded(raw, state.settings, size, context.deadline))
+        context.timing["decode"] = (time.perf_counter() - t) * 1000
         return images
 
     start = time.perf_counter()
     images = await in_decode_pool(state, work)
-    mark(request, "decode", start)
+    context.mark("decode", start)
     return images
 
 
@@ -244,12 +229,10 @@ async def all_or_none(coroutines: list[Awaitable[T]]) -> list[T]:
         raise
 
 
-async def prepared(
-    request: Request, state: State, runner: ModelRunner, raw: list[bytes], deadline: float
-) -> list[np.ndarray]:
+async def prepared(context: RequestContext, state: State, runner: ModelRunner, raw: list[bytes]) -> list[np.ndarray]:
     """Encoded images as model inputs, exactly as in training: decoded and preprocessed in one worker-thread call,
     each image shrunk to the model's input before the next is decoded."""
-    timing = request.state.timing
+    timing, deadline = context.timing, context.deadline
 
     def work() -> list[np.ndarray]:
         arrays, preprocessing, start = [], 0.0, time.perf_counter()
@@ -263,34 +246,29 @@ async def prepared(
 
     start = time.perf_counter()
     arrays = await in_decode_pool(state, work)
-    mark(request, "decode", start)
+    context.mark("decode", start)
     return arrays
 
 
-async def batched(
-    request: Request, state: State, arrays: list[np.ndarray], start: float, ticket: Ticket, task: Task
-) -> list[Result]:
+async def batched(context: RequestContext, arrays: list[np.ndarray], ticket: Ticket, task: Task) -> list[Result]:
     """Through the batcher that admitted the request (a version swapped out meanwhile still answers it)."""
-    deadline = deadline_of(request, state.settings, start)
     submitted = time.perf_counter()
-    results = await ticket.batcher.submit(arrays, deadline, ticket, task.index)
+    results = await ticket.batcher.submit(arrays, context.deadline, ticket, task.index)
     queue, inference = max(r.queue_seconds for r in results), max(r.inference_seconds for r in results)
-    request.state.timing["queue"], request.state.timing["inference"] = queue * 1000, inference * 1000
-    mark(request, "queue", submitted, submitted + queue)
-    mark(request, "inference", submitted + queue, submitted + queue + inference)
+    context.timing["queue"], context.timing["inference"] = queue * 1000, inference * 1000
+    context.mark("queue", submitted, submitted + queue)
+    context.mark("inference", submitted + queue, submitted + queue + inference)
     return results
 
 
-def finished(
-    request: Request, model: str, start: float, postprocess_started: float, served: Served, images: int
-) -> None:
+def finished(context: RequestContext, postprocess_started: float, served: Served, images: int) -> None:
     """A success: its stage timings into the metrics and into what `accounted` counts."""
-    timing = request.state.timing
+    timing = context.timing
     timing["postprocess"] = (time.perf_counter() - postprocess_started) * 1000
-    timing["total"] = (time.perf_counter() - start) * 1000
+    timing["total"] = context.elapsed_ms()
     for stage in metrics.STAGES:
         if stage in timing:
-            metrics.STAGE_SECONDS.labels(model, stage).observe(timing[stage] / 1000)
+            metrics.STAGE_SECONDS.labels(context.model, stage).observe(timing[stage] / 1000)
     served.images, served.timing = images, timing
 
 

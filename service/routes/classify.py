@@ -8,12 +8,12 @@ import time
 
 from fastapi import APIRouter, Query, Request
 
+from service.context import ContextDep, RequestContext
 from service.pipeline import (
     accounted,
     admitted,
     all_or_none,
     batched,
-    deadline_of,
     decoded,
     finished,
     in_decode_pool,
@@ -32,61 +32,62 @@ DOC = {"responses": ERRORS, "openapi_extra": IMAGE_BODY, "response_model": Class
 
 
 async def classify_with(
-    request: Request, state: State, model: str, top_k: int, task_name: str | None = None
+    request: Request, context: RequestContext, state: State, model: str, top_k: int, task_name: str | None = None
 ) -> ClassifyResponse:
-    start = time.perf_counter()
     runner = state.runner(model)
     task = runner.task(task_name)
-    request.state.model, request.state.task = model, task.name
-    with accounted(model, runner.provider, start, task.name, state.stats) as served:
-        async with admitted(request, state, model) as ticket:
+    context.model, context.task = model, task.name
+    with accounted(context, runner.provider, state.stats) as served:
+        async with admitted(context, state, model) as ticket:
             raw = await read_images(request, state.settings)
-            arrays = await prepared(request, state, runner, raw, deadline_of(request, state.settings, start))
-            results = await batched(request, state, arrays, start, ticket, task)
+            arrays = await prepared(context, state, runner, raw)
+            results = await batched(context, arrays, ticket, task)
         maybe_shadow(state, runner, task, arrays, results)
         t = time.perf_counter()
         per_image = [top_predictions(r.logits, task.labels, top_k) for r in results]
-        finished(request, model, start, t, served, len(results))
+        finished(context, t, served, len(results))
         return ClassifyResponse(
-            request_id=request.state.request_id,
+            request_id=context.request_id,
             model=model,
             task=task.name,
             model_version=runner.manifest["version"],
             execution_provider=runner.provider,
             predictions=per_image[0],
             results=[ImageResult(image=i, predictions=p) for i, p in enumerate(per_image)],
-            timing_ms=Timing(**request.state.timing),
+            timing_ms=Timing(**context.timing),
         )
 
 
 @router.post("/classify", summary="Classify an image", **DOC)
 async def classify(
     request: Request,
+    context: ContextDep,
     state: StateDep,
     model: str | None = Query(None, description="variant: fpet or backbone (default: FPET_DEFAULT_MODEL, fpet)"),
     top_k: int = TOP_K,
     task: str | None = TASK,
 ) -> ClassifyResponse:
-    return await classify_with(request, state, model or state.settings.default_model, top_k, task)
+    return await classify_with(request, context, state, model or state.settings.default_model, top_k, task)
 
 
 @router.post("/models/{model}/classify", summary="Classify with a given model", **DOC)
 async def classify_model(
-    request: Request, state: StateDep, model: str, top_k: int = TOP_K, task: str | None = TASK
+    request: Request, context: ContextDep, state: StateDep, model: str, top_k: int = TOP_K, task: str | None = TASK
 ) -> ClassifyResponse:
-    return await classify_with(request, state, model, top_k, task)
+    return await classify_with(request, context, state, model, top_k, task)
 
 
 @router.post("/tasks/{task}/classify", summary="Classify for one task of a multi-task model", **DOC)
 async def classify_task(
     request: Request,
+    context: ContextDep,
     state: StateDep,
     task: str,
     model: str | None = Query(None, description="variant: fpet or backbone (default: FPET_DEFAULT_MODEL, fpet)"),
     top_k: int = TOP_K,
 ) -> ClassifyResponse:
     """Requests for different tasks share batches: the graph picks each image's adapters and head."""
-    return await classify_with(request, state, model or state.settings.default_model, top_k, task)
+    return await classify_with(request, context, state, model or state.settings.default_model, top_k, task)
 
 
 @router.post(
@@ -96,26 +97,27 @@ async def classify_task(
     openapi_extra=IMAGE_BODY,
     response_model=CompareResponse,
 )
-async def compare(request: Request, state: StateDep, top_k: int = TOP_K, task: str | None = TASK) -> CompareResponse:
+async def compare(
+    request: Request, context: ContextDep, state: StateDep, top_k: int = TOP_K, task: str | None = TASK
+) -> CompareResponse:
     """Counted in the request metrics under the model label `compare`."""
-    start = time.perf_counter()
     runners = dict(state.runners)  # the versions served now, whatever model control swaps in meanwhile
     provider = ",".join(sorted({r.provider for r in runners.values()})) or "none"
-    request.state.model = "compare"
-    with accounted("compare", provider, start):
+    context.model = "compare"
+    with accounted(context, provider):
         tasks = {name: runner.task(task) for name, runner in runners.items()}
         state.check_serving()
         async with contextlib.AsyncExitStack() as stack:
-            tickets = {name: await stack.enter_async_context(admitted(request, state, name)) for name in runners}
+            tickets = {name: await stack.enter_async_context(admitted(context, state, name)) for name in runners}
             raw = await read_images(request, state.settings)
             size = max(r.img_size for r in runners.values())
-            image = (await decoded(request, state, raw[:1], size, deadline_of(request, state.settings, start)))[0]
+            image = (await decoded(context, state, raw[:1], size))[0]
 
             async def one(name: str):
                 runner = runners[name]
                 array = await in_decode_pool(state, runner.preprocess, image)
                 (result,) = await tickets[name].batcher.submit(
-                    [array], deadline_of(request, state.settings, start), tickets[name], tasks[name].index
+                    [array], context.deadline, tickets[name], tasks[name].index
                 )
                 return name, runner, result
 
@@ -135,10 +137,10 @@ async def compare(request: Request, state: StateDep, top_k: int = TOP_K, task: s
         speedup = None
         if "fpet" in entries and "backbone" in entries:
             speedup = entries["backbone"].inference_ms_per_image / max(entries["fpet"].inference_ms_per_image, 1e-9)
-        timing = request.state.timing
-        timing["total"] = (time.perf_counter() - start) * 1000
+        timing = context.timing
+        timing["total"] = context.elapsed_ms()
         return CompareResponse(
-            request_id=request.state.request_id,
+            request_id=context.request_id,
             models=entries,
             top1_agreement=len(tops) == 1,
             speedup=speedup,

@@ -16,8 +16,9 @@ from fastapi.responses import Response
 
 from fpet import mergemap
 from fpet.imaging import normalize, resize_rgb
+from service.context import ContextDep
 from service.errors import ServiceError
-from service.pipeline import accounted, check_key, deadline_of, decoded, read_images, top_predictions
+from service.pipeline import accounted, check_key, decoded, read_images, top_predictions
 from service.runtime import ModelRunner, Task
 from service.schemas import ERRORS, IMAGE_BODY, ExplainResponse, MergePoint
 from service.state import State, StateDep
@@ -65,6 +66,7 @@ async def acquire(state: State) -> None:
 )
 async def explain(
     request: Request,
+    context: ContextDep,
     state: StateDep,
     model: str,
     top_k: int = Query(5, ge=1, le=20),
@@ -72,11 +74,10 @@ async def explain(
     task: str | None = Query(None, description="the task, for a multi-task model"),
 ):
     """Counted in the request metrics under the model label `explain`."""
-    start = time.perf_counter()
     runner = state.runner(model)
-    with accounted("explain", runner.provider, start):
+    with accounted(context, runner.provider, label="explain"):
         chosen = runner.task(task)
-        check_key(request, state.settings)
+        check_key(context.headers, state.settings)
         state.check_serving(runner.name)
         png = wants_png(request, format_)
         if png and runner.merge_maps is None:
@@ -84,7 +85,7 @@ async def explain(
         raw = await read_images(request, state.settings)  # before a slot: a slow upload holds none
         if len(raw) != 1:
             raise ServiceError(400, "invalid_request", f"explain takes one image; this request has {len(raw)}")
-        (image,) = await decoded(request, state, raw, runner.img_size, deadline_of(request, state.settings, start))
+        (image,) = await decoded(context, state, raw, runner.img_size)
         await acquire(state)
         try:
             t = time.perf_counter()
@@ -98,12 +99,12 @@ async def explain(
         info = runner.merge_maps
         merges = [] if maps is None else [MergePoint(**p) for p in mergemap.plan_json(maps, info["points"])]
         timing = {
-            "decode": request.state.timing["decode"],
+            "decode": context.timing["decode"],
             "inference": inference,
-            "total": (time.perf_counter() - start) * 1000,
+            "total": context.elapsed_ms(),
         }
         return ExplainResponse(
-            request_id=request.state.request_id,
+            request_id=context.request_id,
             model=model,
             model_version=runner.manifest["version"],
             predictions=top_predictions(logits, chosen.labels, top_k),

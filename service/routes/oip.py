@@ -8,6 +8,7 @@ from fastapi.responses import Response
 
 import fpet
 from service import inference, oip
+from service.context import ContextDep, RequestContext
 from service.pipeline import read_body
 from service.runtime import ModelRunner, Task
 from service.schemas import OIP_BODY, OIP_RESPONSES
@@ -17,7 +18,9 @@ router = APIRouter(tags=["oip"])
 DOC = {"responses": OIP_RESPONSES, "openapi_extra": OIP_BODY, "response_class": Response}
 
 
-async def infer_with(request: Request, state: State, name: str, version: str | None) -> Response:
+async def infer_with(
+    request: Request, context: RequestContext, state: State, name: str, version: str | None
+) -> Response:
     async def read(runner: ModelRunner) -> oip.InferRequest:
         body = await read_body(request, state.settings)
         return oip.parse_request(body, request.headers.get(oip.HEADER_LENGTH), runner.img_size)
@@ -26,17 +29,17 @@ async def infer_with(request: Request, state: State, name: str, version: str | N
         content, headers = oip.encode_response(parsed, name, oip.VERSION, logits, task.labels)
         return Response(content, headers=headers)
 
-    return await inference.infer(request, state, name, version, read, answer)
+    return await inference.infer(context, state, name, version, read, answer)
 
 
 @router.post("/v2/models/{model}/infer", summary="Inference (Open Inference Protocol v2)", **DOC)
-async def infer(request: Request, state: StateDep, model: str) -> Response:
-    return await infer_with(request, state, model, None)
+async def infer(request: Request, context: ContextDep, state: StateDep, model: str) -> Response:
+    return await infer_with(request, context, state, model, None)
 
 
 @router.post("/v2/models/{model}/versions/{version}/infer", summary="Inference of a model version", **DOC)
-async def infer_version(request: Request, state: StateDep, model: str, version: str) -> Response:
-    return await infer_with(request, state, model, version)
+async def infer_version(request: Request, context: ContextDep, state: StateDep, model: str, version: str) -> Response:
+    return await infer_with(request, context, state, model, version)
 
 
 @router.get("/v2", summary="Server metadata (OIP v2)")

@@ -444,13 +444,14 @@ def test_a_place_given_as_the_wait_ends_is_not_lost(ending):
 
 def test_a_cancelled_request_counts_as_499_not_200():
     from service import metrics
+    from service.context import RequestContext
     from service.pipeline import accounted
 
     def count(code):
         return metrics.REQUESTS.labels("cancel-test", code)._value.get()
 
     async def handler():
-        with accounted("cancel-test", "CPUExecutionProvider", time.perf_counter()):
+        with accounted(RequestContext("r1", {}, 10_000, model="cancel-test"), "CPUExecutionProvider"):
             await asyncio.sleep(10)
 
     async def go():
