@@ -80,13 +80,18 @@ def test_split_indices_built_under_inference_mode_work_in_training():
 def test_openvino_bf16_keeps_the_matching_in_fp32_and_everything_the_tokens_pass_through_in_bf16(tiny_bundles):
     """The graph's precision boundary, as OpenVINO compiles an fp32 bundle for bf16 on a CPU matrix engine: from each
     argmax back to the linear layers that feed it (normalised keys, scores) everything runs fp32, while every
-    LayerNorm, residual add, linear layer, attention and the merge's own product runs bf16, after the merge too."""
+    LayerNorm, residual add, linear layer, attention and the merge's own product runs bf16, after the merge too.
+    A CPU without a bf16 engine cannot show that (OpenVINO silently computes fp32 there): on one, what is checked is
+    that the runtime refuses bf16 instead of reporting a precision it does not compute."""
     import re
 
-    from fpet.runtimes import OpenVinoSession, cpu_features, supports
+    from fpet.errors import FpetError
+    from fpet.runtimes import OpenVinoSession, choose, cpu_features, supports
 
     if not supports("bf16", cpu_features()):
-        pytest.skip("this CPU has no bf16 matrix engine (AMX-BF16 or AVX512-BF16)")
+        with pytest.raises(FpetError, match="bf16 needs a CPU with AMX-BF16 or AVX512-BF16"):
+            choose("openvino", "bf16", features=cpu_features())
+        return
     session = OpenVinoSession(tiny_bundles["fpet"] / "model.onnx", "bf16")
     ops = session.compiled.get_runtime_model().get_ordered_ops()
 
