@@ -146,32 +146,27 @@ def test_metrics_follow_the_conventions(client):
     assert 'le="0.0075"' in text and 'fpet_requests_total{code="200",model="fpet"}' in text
 
 
+def raw_body(content: bytes, content_type: str) -> dict:
+    return {"content": content, "headers": {"Content-Type": content_type}}
+
+
+TINY_IMAGE = Image.new("RGB", (8, 8))
+
+
 @pytest.mark.parametrize(
     ("request_kwargs", "status", "error_type"),
     [
-        ({"content": b"", "headers": {"Content-Type": "image/jpeg"}}, 400, "invalid_request"),
-        ({"content": jpeg()[:300], "headers": {"Content-Type": "image/jpeg"}}, 400, "invalid_image"),
-        ({"content": b"plain text, called a JPEG", "headers": {"Content-Type": "image/jpeg"}}, 400, "invalid_image"),
+        (raw_body(b"", "image/jpeg"), 400, "invalid_request"),
+        (raw_body(jpeg()[:300], "image/jpeg"), 400, "invalid_image"),
+        (raw_body(b"plain text, called a JPEG", "image/jpeg"), 400, "invalid_image"),
         ({"json": {"image_b64": "***not base64***"}}, 400, "invalid_request"),
-        ({"content": b"{not json", "headers": {"Content-Type": "application/json"}}, 400, "invalid_request"),
-        ({"content": png_bomb(90_000, 90_000), "headers": {"Content-Type": "image/png"}}, 413, "payload_too_large"),
-        (
-            {"content": b"\xff\xd8\xff" + b"0" * 300_000, "headers": {"Content-Type": "image/jpeg"}},
-            413,
-            "payload_too_large",
-        ),
+        (raw_body(b"{not json", "application/json"), 400, "invalid_request"),
+        (raw_body(png_bomb(90_000, 90_000), "image/png"), 413, "payload_too_large"),
+        (raw_body(b"\xff\xd8\xff" + b"0" * 300_000, "image/jpeg"), 413, "payload_too_large"),
         ({"json": {"images": [{"b64": "AAAA"}] * 4}}, 413, "payload_too_large"),
-        (
-            {"content": encode(Image.new("RGB", (8, 8)), "GIF"), "headers": {"Content-Type": "image/gif"}},
-            415,
-            "unsupported_media_type",
-        ),
-        (
-            {"content": encode(Image.new("RGB", (8, 8)), "TIFF"), "headers": {"Content-Type": "image/png"}},
-            415,
-            "unsupported_media_type",
-        ),
-        ({"content": b"hello", "headers": {"Content-Type": "text/plain"}}, 415, "unsupported_media_type"),
+        (raw_body(encode(TINY_IMAGE, "GIF"), "image/gif"), 415, "unsupported_media_type"),
+        (raw_body(encode(TINY_IMAGE, "TIFF"), "image/png"), 415, "unsupported_media_type"),
+        (raw_body(b"hello", "text/plain"), 415, "unsupported_media_type"),
         ({"json": {"images": []}}, 422, "validation_error"),
         ({"json": {"images": "nope"}}, 422, "validation_error"),
     ],
