@@ -6,11 +6,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from bench.output import write_rows
-
 
 def cmd_bench_model(args: argparse.Namespace) -> None:
     from bench.model import bench_model, markdown, plot
+    from bench.output import write_rows
 
     rows = bench_model(
         args.backbone,
@@ -34,6 +33,7 @@ def cmd_bench_model(args: argparse.Namespace) -> None:
 
 
 def cmd_bench_train(args: argparse.Namespace) -> None:
+    from bench.output import write_rows
     from bench.train import bench_train, markdown
 
     rows = bench_train(
@@ -54,6 +54,7 @@ def cmd_bench_train(args: argparse.Namespace) -> None:
 
 def cmd_bench_onnx(args: argparse.Namespace) -> None:
     from bench.onnx_runtime import add_accuracy, bench_bundles, markdown
+    from bench.output import write_rows
 
     if args.bundle:
         bundles = [Path(b) for b in args.bundle]

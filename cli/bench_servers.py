@@ -5,11 +5,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from bench.output import write_rows
-
 
 def cmd_bench_http(args: argparse.Namespace) -> None:
     from bench.http import bench_http, markdown, summary
+    from bench.output import write_rows
 
     images = [Path(p) for p in args.image] if args.image else sorted(Path("samples").glob("*.png"))
     if not images:
@@ -36,6 +35,7 @@ def cmd_bench_memory(args: argparse.Namespace) -> None:
     import tempfile
 
     from bench.memory import bench_memory, markdown, parse_case
+    from bench.output import write_rows
 
     cases = [parse_case(text) for text in args.case]
     with tempfile.TemporaryDirectory(prefix="fpet-memory-") as logs:

@@ -45,3 +45,12 @@ def test_console_script_is_installed():
     script = os.path.join(os.path.dirname(sys.executable), "fpet")
     done = subprocess.run([script, "describe", "--json"], capture_output=True, text=True)
     assert done.returncode == 0 and json.loads(done.stdout)["gmacs"] > 17
+
+
+def test_the_command_needs_no_stage_until_one_runs():
+    """The Docker build runs `fpet weights fetch` with only fpet, cli and training copied in (train's flags take
+    TrainConfig's defaults): every other stage is imported inside the command that uses it, never at the top."""
+    blocked = "import sys; sys.modules.update(dict.fromkeys(['bench', 'service', 'export'])); "
+    code = blocked + "from cli.main import build_parser; build_parser().parse_args(['weights', 'list'])"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
