@@ -11,7 +11,6 @@ are trained briefly on the user's data and the most accurate (validation) within
 from __future__ import annotations
 
 import itertools
-import json
 import statistics
 import tempfile
 import time
@@ -151,9 +150,9 @@ def measure(
 def read_run(run: Path) -> tuple[str, int, str, int, dict]:
     """Backbone, image size, method, class count and training settings of a trained run: its candidates are timed
     and trained as it was."""
-    if not (run / "config.json").is_file():
-        raise FpetError(f"{run} is not a run folder (no config.json)")
-    config = json.loads((run / "config.json").read_text())
+    from training.checkpoint import read_config
+
+    config = read_config(run)
     backbone, img_size = config["backbone"]["name"], config["preprocessing"]["img_size"]
     return backbone, img_size, config["method"], len(config["labels"]), config["train"]
 

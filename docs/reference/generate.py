@@ -77,7 +77,6 @@ def metrics_page() -> str:
     from service import metrics
 
     found = [m for m in vars(metrics).values() if isinstance(m, MetricWrapperBase)] + [metrics.serving()]
-    suffix = {"counter": "_total", "histogram": " (`_bucket`, `_sum`, `_count`)"}
     lines = [
         "# Metrics",
         "",
@@ -88,8 +87,8 @@ def metrics_page() -> str:
         "|---|---|---|---|",
     ]
     for m in found:
-        name = f"`{m._name}{suffix.get(m._type, '') if m._type == 'counter' else ''}`"
-        kind = m._type + (suffix["histogram"] if m._type == "histogram" else "")
+        name = f"`{m._name}_total`" if m._type == "counter" else f"`{m._name}`"
+        kind = f"{m._type} (`_bucket`, `_sum`, `_count`)" if m._type == "histogram" else m._type
         labels = ", ".join(f"`{label}`" for label in m._labelnames) or "–"
         lines.append(f"| {name} | {kind} | {labels} | {cell(m._documentation)} |")
     buckets = ", ".join(f"{b:g}" for b in metrics.LATENCY_BUCKETS)

@@ -13,16 +13,10 @@ import httpx
 import pytest
 import yaml
 
+from tests.helpers.tools import COMPOSE
+
 ROOT = Path(__file__).resolve().parents[2]
 PROM = ROOT / "deploy" / "prometheus"
-COMPOSE = (
-    Path(sys.executable).parents[1]
-    / "lib"
-    / f"python{sys.version_info.major}.{sys.version_info.minor}"
-    / "site-packages"
-    / "compose"
-    / "docker-compose"
-)
 
 
 def tool(name: str) -> str:

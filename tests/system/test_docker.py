@@ -15,7 +15,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +23,7 @@ import httpx
 import pytest
 
 from tests.helpers.servers import free_port
+from tests.helpers.tools import COMPOSE
 
 pytestmark = pytest.mark.docker
 
@@ -31,14 +31,6 @@ ROOT = Path(__file__).resolve().parents[2]
 SHARED_SANDBOX = ROOT.parent / "shared" / "tools" / "docker-sandbox.sh"
 SANDBOX_SCRIPT = SHARED_SANDBOX if SHARED_SANDBOX.exists() else ROOT / ".ci" / "docker-sandbox.sh"
 SANDBOX_DIR = Path(os.environ.get("SANDBOX", "/tmp/docker-sandbox"))
-COMPOSE = (
-    Path(sys.executable).parents[1]
-    / "lib"
-    / f"python{sys.version_info.major}.{sys.version_info.minor}"
-    / "site-packages"
-    / "compose"
-    / "docker-compose"
-)
 IMAGE = "fpet-e2e"  # image names of the test's own, so a developer's fpet:cpu is left alone
 SAMPLE = ROOT / "samples" / "ankle_boot.png"
 # Panels whose queries must return data once both variants have had batched traffic.
