@@ -59,6 +59,7 @@ PAIRS = [
     ("FPET 3:0.5,4:0.5, warm start + distillation", "AdaptFormer, 112 px"),
     ("FPET 3:0.5,4:0.5, warm start + distillation", "AdaptFormer, 84 px"),
     ("FPET 5:0.5,7:0.5, warm start 10 epochs + distillation", "AdaptFormer, 112 px"),
+    ("FPET 5:0.5,7:0.5, warm start 10 epochs + distillation", "AdaptFormer, 84 px"),
     ("FPET 5:0.5,7:0.5, warm start 10 epochs + distillation", "FPET 3:0.5, warm start + distillation"),
     ("FPET 3:0.5,7:0.5, warm start 10 epochs + distillation", "AdaptFormer, 112 px"),
     ("FPET 3:0.5,7:0.5, warm start 10 epochs + distillation", "AdaptFormer, 84 px"),
