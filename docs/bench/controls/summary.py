@@ -73,6 +73,13 @@ CHOSEN_ON_SEED_0 = {
 }
 
 
+def pooled(pairs: list[tuple[list[bool], list[bool]]]) -> tuple[str, str]:
+    """The bootstrap's difference and its 95% interval, as printed."""
+    result = paired_bootstrap(pairs)
+    low, high = result["ci95_points"]
+    return f"{result['difference_points']:+.2f}", f"[{low:+.2f}, {high:+.2f}]"
+
+
 def finished(run: str) -> bool:
     return (ROOT / run / "test_correct.json").is_file() and (ROOT / run / "metrics.json").is_file()
 
@@ -127,18 +134,12 @@ def main() -> None:
         ]
         tests = [mcnemar(a, b) for a, b in pairs]
         diffs = [100 * (sum(a) - sum(b)) / len(a) for a, b in pairs]
-        pooled = paired_bootstrap(pairs)
-        low, high = pooled["ci95_points"]
-        unseen = ""
-        if a_name in CHOSEN_ON_SEED_0:
-            held_out = paired_bootstrap(pairs[1:])
-            unseen = f"{held_out['difference_points']:+.2f} [{held_out['ci95_points'][0]:+.2f}, "
-            unseen += f"{held_out['ci95_points'][1]:+.2f}]"
+        difference, interval = pooled(pairs)
+        unseen = " ".join(pooled(pairs[1:])) if a_name in CHOSEN_ON_SEED_0 else ""
         print(
             f"| {a_name} vs {b_name} | "
             + "; ".join(f"{t['only_a_right']} / {t['only_b_right']}, p = {t['p_value']:.2g}" for t in tests)
-            + f" | {', '.join(f'{d:+.2f}' for d in diffs)} | **{pooled['difference_points']:+.2f}** "
-            f"[{low:+.2f}, {high:+.2f}] | {unseen} |"
+            + f" | {', '.join(f'{d:+.2f}' for d in diffs)} | **{difference}** {interval} | {unseen} |"
         )
 
 
