@@ -218,8 +218,11 @@ def bundle_predictions(
     threads: int = 2,
     runtime: str = "onnxruntime",
     precision: str | None = None,
+    optimization: str | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Top-1 predictions and labels of a bundle on every image of a split, through the bundle's own preprocessing."""
+    """Top-1 predictions and labels of a bundle on every image of a split, through the bundle's own preprocessing.
+    `optimization`: onnxruntime's graph optimisation level instead of the bundle's (ORT_DISABLE_ALL runs a QDQ graph
+    as written: rounding, then fp32 products, whatever integer kernels the CPU has)."""
     from training.data import Preprocessing, open_split
 
     manifest = read_manifest(bundle)
@@ -232,7 +235,7 @@ def bundle_predictions(
         0,
         runtime,
         precision or manifest["precision"],
-        manifest.get("onnxruntime", {}).get("graph_optimization_level", LEVELS[-1]),
+        optimization or manifest.get("onnxruntime", {}).get("graph_optimization_level", LEVELS[-1]),
     )
     sess = session(bundle / manifest["files"]["onnx"], setup, threads)
     dtype = np.float16 if manifest["precision"] == "fp16" else np.float32

@@ -153,3 +153,22 @@ def test_bundle_predictions_cover_every_test_image_in_each_runtime(tmp_path, tin
         tiny_bundles["fpet"], tmp_path / "data", threads=1, runtime="openvino", precision="fp32"
     )
     assert openvino.tolist() == predicted.tolist()  # OpenVINO's fp32 answers as onnxruntime's
+
+
+def test_bundle_predictions_run_onnxruntime_at_the_optimisation_level_asked_for(tmp_path, tiny_bundles, monkeypatch):
+    """ORT_DISABLE_ALL runs a QDQ graph as written (docs/bench/cross_cpu/int8_vs_training.py): the level must reach
+    the session instead of the bundle's own."""
+    import bench.onnx_runtime as onnx_runtime
+    from tests.helpers.tiny import make_image_folder
+
+    test = make_image_folder(tmp_path / "data" / "test", per_class=1, size=40)
+    for i, label in enumerate("abc"):
+        (test / f"class_{i}").rename(test / label)
+    levels = []
+    real = onnx_runtime.session
+    monkeypatch.setattr(
+        onnx_runtime, "session", lambda model, setup, threads: levels.append(setup.level) or real(model, setup, threads)
+    )
+    onnx_runtime.bundle_predictions(tiny_bundles["fpet"], tmp_path / "data", threads=1)
+    onnx_runtime.bundle_predictions(tiny_bundles["fpet"], tmp_path / "data", threads=1, optimization="ORT_DISABLE_ALL")
+    assert levels == ["ORT_ENABLE_ALL", "ORT_DISABLE_ALL"]
