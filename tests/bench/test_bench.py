@@ -1,5 +1,6 @@
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -142,11 +143,8 @@ def test_model_benchmark_smoke(tmp_path):
 
 def test_bundle_predictions_cover_every_test_image_in_each_runtime(tmp_path, tiny_bundles):
     from bench.onnx_runtime import bundle_predictions
-    from tests.helpers.tiny import make_image_folder
 
-    test = make_image_folder(tmp_path / "data" / "test", per_class=3, size=40)
-    for i, label in enumerate("abc"):  # the tiny run's labels
-        (test / f"class_{i}").rename(test / label)
+    tiny_test_split(tmp_path / "data", per_class=3)
     predicted, truth = bundle_predictions(tiny_bundles["fpet"], tmp_path / "data", threads=1)
     assert len(predicted) == len(truth) == 9 and set(truth.tolist()) == {0, 1, 2}
     openvino, _ = bundle_predictions(
@@ -159,11 +157,8 @@ def test_bundle_predictions_run_onnxruntime_at_the_optimisation_level_asked_for(
     """ORT_DISABLE_ALL runs a QDQ graph as written (docs/bench/cross_cpu/int8_vs_training.py): the level must reach
     the session instead of the bundle's own."""
     import bench.onnx_runtime as onnx_runtime
-    from tests.helpers.tiny import make_image_folder
 
-    test = make_image_folder(tmp_path / "data" / "test", per_class=1, size=40)
-    for i, label in enumerate("abc"):
-        (test / f"class_{i}").rename(test / label)
+    tiny_test_split(tmp_path / "data", per_class=1)
     levels = []
     real = onnx_runtime.session
     monkeypatch.setattr(
@@ -172,3 +167,12 @@ def test_bundle_predictions_run_onnxruntime_at_the_optimisation_level_asked_for(
     onnx_runtime.bundle_predictions(tiny_bundles["fpet"], tmp_path / "data", threads=1)
     onnx_runtime.bundle_predictions(tiny_bundles["fpet"], tmp_path / "data", threads=1, optimization="ORT_DISABLE_ALL")
     assert levels == ["ORT_ENABLE_ALL", "ORT_DISABLE_ALL"]
+
+
+def tiny_test_split(data: Path, per_class: int) -> None:
+    """A test split of image folders named with the tiny run's labels."""
+    from tests.helpers.tiny import make_image_folder
+
+    test = make_image_folder(data / "test", per_class=per_class, size=40)
+    for i, label in enumerate("abc"):
+        (test / f"class_{i}").rename(test / label)

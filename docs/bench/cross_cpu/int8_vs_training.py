@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.onnx_runtime import bundle_predictions
+from export.bundle import read_manifest
 from fpet.runtimes import cpu_features
 from training.checkpoint import read_test_correct
 
@@ -43,13 +44,12 @@ for setup in setups:
         }
     )
     print(json.dumps(results[-1]), file=sys.stderr)
-manifest = json.loads((bundle / "manifest.json").read_text())
 print(
     json.dumps(
         {
             "bundle": str(bundle),
             "run": str(run),
-            "quantization": manifest.get("quantization"),
+            "quantization": read_manifest(bundle).get("quantization"),
             "cpu_features": cpu_features(),
             "images": len(recorded),
             "fp32_accuracy_recorded_at_training": round(100 * recorded.mean(), 2),
