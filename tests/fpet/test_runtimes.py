@@ -9,6 +9,7 @@ from fpet.errors import FpetError
 from fpet.runtimes import Choice, OpenVinoSession, choose, cpu_features, supports
 
 SAPPHIRE_RAPIDS = ("amx_bf16", "amx_int8", "avx512_bf16", "avx512_fp16", "avx512_vnni", "avx512f", "avx2")
+ZEN4 = ("avx512_bf16", "avx512_vnni", "avx512f", "avx2")  # AMD EPYC 9004: bf16 and VNNI without AMX
 HASWELL = ("avx2",)
 
 
@@ -24,6 +25,7 @@ def test_cpu_features_come_from_the_kernels_flags(tmp_path):
     ("features", "openvino", "gpu", "expected"),
     [
         (SAPPHIRE_RAPIDS, True, False, ("openvino", "bf16")),  # the CPU's matrix engine
+        (ZEN4, True, False, ("openvino", "bf16")),  # AVX512-BF16 without AMX: still about 2x onnxruntime's fp32
         (HASWELL, True, False, ("onnxruntime", "fp32")),  # no bf16 in hardware: the fastest fp32 path
         (SAPPHIRE_RAPIDS, False, False, ("onnxruntime", "fp32")),  # OpenVINO not installed
         (SAPPHIRE_RAPIDS, True, True, ("onnxruntime", "fp32")),  # a GPU: onnxruntime's CUDA provider
@@ -47,6 +49,7 @@ def test_asked_for_runtimes_and_precisions_hold_or_say_why_not():
     # int8 bundles go where their form runs fastest: static QDQ to OpenVINO on AMX-INT8 or VNNI, dynamic to onnxruntime
     static = dict(bundle_precision="int8", quantization="static", openvino=True)
     assert choose(features=SAPPHIRE_RAPIDS, **static).runtime == "openvino"
+    assert choose(features=ZEN4, **static).runtime == "openvino"
     assert choose(features=HASWELL, **static).runtime == "onnxruntime"
     assert choose(features=SAPPHIRE_RAPIDS, bundle_precision="int8", quantization="dynamic", openvino=True) == Choice(
         "onnxruntime", "int8", "an int8 bundle (dynamic)"
