@@ -2,7 +2,7 @@
 `run(outputs, feeds)`. No torch: the service, the benchmarks and export's checks share it.
 
 onnxruntime runs a graph in the precision it was exported in (its CPU provider has no bf16 matrix kernels), on CPUs
-and (onnxruntime-gpu) NVIDIA GPUs. OpenVINO compiles the same ONNX file for Intel CPUs and lowers it to bf16 on
+and (onnxruntime-gpu) NVIDIA GPUs. OpenVINO compiles the same ONNX file for x86 CPUs and lowers it to bf16 on
 their matrix engines (AMX, AVX512-BF16) itself, keeping the graph's tail (fpet's matching) in fp32. `auto` takes
 OpenVINO bf16 where the CPU has such an engine and OpenVINO is installed, onnxruntime everywhere else.
 """
