@@ -49,8 +49,9 @@ class RequestContext:
         return (time.perf_counter() - self.start) * 1000
 
 
-def request_context(request: Request) -> RequestContext:
-    """The context the ASGI middleware (service.app.RequestContextMiddleware) made as the request arrived."""
+async def request_context(request: Request) -> RequestContext:
+    """The context the ASGI middleware (service.app.RequestContextMiddleware) made as the request arrived. Async, as
+    service.state.get_state: FastAPI would run a plain def in its thread pool, a thread hop on every request."""
     return request.state.context
 
 

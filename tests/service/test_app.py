@@ -470,6 +470,34 @@ def test_the_service_imports_no_torch():
     assert result.returncode == 0, result.stderr[-2000:]
 
 
+def test_no_route_hops_to_a_thread_before_its_work():
+    """FastAPI runs a plain-def endpoint or dependency in its thread pool: a thread hop and a wake-up on every request,
+    which on a fast runtime is a measurable share of a request's CPU (docs/benchmarks.md, AVX512-BF16)."""
+    import importlib
+    import inspect
+    import pkgutil
+
+    from fastapi.routing import APIRoute
+
+    import service.routes
+
+    def calls(dependant):
+        for dependency in dependant.dependencies:
+            yield dependency.call
+            yield from calls(dependency)
+
+    routes = [
+        route
+        for module in pkgutil.iter_modules(service.routes.__path__)
+        for route in importlib.import_module(f"service.routes.{module.name}").router.routes
+        if isinstance(route, APIRoute)
+    ]
+    assert any(route.path == "/classify" for route in routes)
+    for route in routes:
+        sync = [c.__name__ for c in (route.endpoint, *calls(route.dependant)) if not inspect.iscoroutinefunction(c)]
+        assert not sync, f"{route.path} runs {sync} in the thread pool"
+
+
 def test_recent_rate_counts_every_request_beyond_the_latency_sample():
     from service.recent import RecentLatencies
 
