@@ -6,11 +6,17 @@ variant (medians over rounds), the fpet/backbone ratio, and each configuration o
 
     .venv/bin/python docs/bench/serve_runtimes.py --rounds 3 --duration 10
     .venv/bin/python docs/bench/serve_runtimes.py --config instances2=FPET_INSTANCES=2   # more configurations
+
+Another checkout's service is a configuration too (`git worktree add /tmp/before COMMIT`, then
+`--config before=PYTHONPATH=/tmp/before`). `--together` keeps every configuration's server up at once (consecutive
+ports) and reverses the order every other round, so that a slow spell on the shared cores falls on all of them and no
+configuration always follows a start-up: for small differences between checkouts.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import statistics
@@ -18,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -51,6 +58,16 @@ def serve(env: dict[str, str], port: int, log: Path) -> subprocess.Popen:
     raise SystemExit(f"the service did not get ready: {log.read_text()[-2000:]}")
 
 
+@contextlib.contextmanager
+def running(env: dict[str, str], port: int, log: Path) -> Iterator[subprocess.Popen]:
+    server = serve(env, port, log)
+    try:
+        yield server
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(60)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
@@ -58,6 +75,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--port", type=int, default=8097)
     parser.add_argument("--config", action="append", default=[], help="NAME=VAR=VALUE[,VAR=VALUE...]")
+    parser.add_argument("--together", action="store_true", help="all servers up at once, order reversed each round")
     args = parser.parse_args()
     configs = dict(CONFIGS)
     for text in args.config:
@@ -66,21 +84,32 @@ def main() -> None:
     images = sorted((ROOT / "samples").glob("*.png"))
     rps: dict[tuple[str, str], list[float]] = {}
     logs = Path(tempfile.mkdtemp(prefix="serve-runtimes-"))
-    for r in range(args.rounds):
-        for name, env in configs.items():
-            server = serve(env, args.port, logs / f"{name.replace(' ', '_')}-{r}.log")
-            try:
-                url = f"http://127.0.0.1:{args.port}"
-                info = httpx.get(f"{url}/models/fpet").json()
-                rows = bench_http(url, images, [args.concurrency], args.duration, ["backbone", "fpet"], client="wrk")
-            finally:
-                server.send_signal(signal.SIGTERM)
-                server.wait(60)
-            for row in rows:
-                rps.setdefault((name, row["model"]), []).append(row["goodput_rps"])
-            setup = f"{info['runtime']} {info['compute_precision']}"
-            measured = ", ".join(f"{row['model']} {row['goodput_rps']:.1f} req/s" for row in rows)
-            print(f"round {r + 1}: {name} ({setup}): {measured}", file=sys.stderr)
+
+    def load(r: int, name: str, port: int) -> None:
+        url = f"http://127.0.0.1:{port}"
+        info = httpx.get(f"{url}/models/fpet").json()
+        rows = bench_http(url, images, [args.concurrency], args.duration, ["backbone", "fpet"], client="wrk")
+        for row in rows:
+            rps.setdefault((name, row["model"]), []).append(row["goodput_rps"])
+        setup = f"{info['runtime']} {info['compute_precision']}"
+        measured = ", ".join(f"{row['model']} {row['goodput_rps']:.1f} req/s" for row in rows)
+        print(f"round {r + 1}: {name} ({setup}): {measured}", file=sys.stderr)
+
+    def log(name: str, r: int | str) -> Path:
+        return logs / f"{name.replace(' ', '_')}-{r}.log"
+
+    if args.together:
+        with contextlib.ExitStack() as stack:
+            for i, name in enumerate(configs):
+                stack.enter_context(running(configs[name], args.port + i, log(name, "all")))
+            for r in range(args.rounds):
+                for i, name in list(enumerate(configs))[:: -1 if r % 2 else 1]:
+                    load(r, name, args.port + i)
+    else:
+        for r in range(args.rounds):
+            for name, env in configs.items():
+                with running(env, args.port, log(name, r)):
+                    load(r, name, args.port)
     first = next(iter(configs))
     print(
         f"wrk, {args.concurrency} connections, {args.duration:.0f} s per case, samples/*.png; medians of "
