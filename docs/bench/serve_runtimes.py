@@ -2,7 +2,8 @@
 a CPU with a bf16 matrix engine) against `FPET_RUNTIME=onnxruntime FPET_PRECISION=fp32` (and any other settings
 given), each loaded by wrk at 16 connections with the small sample PNGs, both variants, in interleaved rounds (one
 server at a time on the shared cores: start, load, stop, next configuration). Prints requests/s per configuration and
-variant (medians over rounds), the fpet/backbone ratio, and each configuration over the first.
+variant (medians over rounds), the fpet/backbone ratio, and each configuration over the first: from the medians, and
+for fpet also within each round (median and range of the rounds' ratios).
 
     .venv/bin/python docs/bench/serve_runtimes.py --rounds 3 --duration 10
     .venv/bin/python docs/bench/serve_runtimes.py --config instances2=FPET_INSTANCES=2   # more configurations
@@ -68,6 +69,12 @@ def running(env: dict[str, str], port: int, log: Path) -> Iterator[subprocess.Po
         server.wait(60)
 
 
+def by_round(rps: list[float], first: list[float]) -> str:
+    """The ratio within each round, where a slow spell on the shared cores falls on both: median (lowest-highest)."""
+    ratios = [a / b for a, b in zip(rps, first, strict=True)]
+    return f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
@@ -115,14 +122,17 @@ def main() -> None:
         f"wrk, {args.concurrency} connections, {args.duration:.0f} s per case, samples/*.png; medians of "
         f"{args.rounds} interleaved rounds\n"
     )
-    print("| configuration | backbone req/s | fpet req/s | fpet/backbone | backbone vs first | fpet vs first |")
-    print("|---|---|---|---|---|---|")
+    print(
+        "| configuration | backbone req/s | fpet req/s | fpet/backbone | backbone vs first | fpet vs first "
+        "| fpet vs first, by round |"
+    )
+    print("|---|---|---|---|---|---|---|")
     for name in configs:
         backbone, fpet = (statistics.median(rps[(name, m)]) for m in ("backbone", "fpet"))
         base_b, base_f = (statistics.median(rps[(first, m)]) for m in ("backbone", "fpet"))
         print(
             f"| {name} | {backbone:.1f} | {fpet:.1f} | {fpet / backbone:.2f} | {backbone / base_b:.2f}x | "
-            f"{fpet / base_f:.2f}x |"
+            f"{fpet / base_f:.2f}x | {by_round(rps[(name, 'fpet')], rps[(first, 'fpet')])} |"
         )
 
 
